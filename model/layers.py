@@ -1,0 +1,288 @@
+"""Weight-entangled layers of the ViT supernet and the functional ops they share with exported subnets.
+
+Every super layer holds the weights of its largest choice and uses leading slices of them. The
+active sizes are plain ints set by the supernet, and the slices are taken inside ``forward``, so a
+layer keeps working and keeps sharing its storage after ``.to()``, a device move or ``copy.deepcopy``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# q/k/v row layouts of a qkv weight. "interleaved": row 3*j + t is column j of q (t=0), k (t=1)
+# or v (t=2), as in the released supernet checkpoints trained with change_qkv. "grouped": the
+# rows are all q, then all k, then all v, as in a plain ViT.
+QKV_INTERLEAVED = "interleaved"
+QKV_GROUPED = "grouped"
+
+
+def gelu_float32(x: torch.Tensor) -> torch.Tensor:
+    """GELU computed in float32 and cast back, so that half-precision runs match fp32 closely."""
+    return F.gelu(x.float()).type_as(x)
+
+
+def relative_position_index(num_tokens: int, max_relative_position: int, device=None) -> torch.Tensor:
+    """Build the index of each token pair into the concatenated [vertical; horizontal] table.
+
+    Tokens are a cls token followed by a square grid of ``num_tokens - 1`` patches in row-major
+    order. The vertical and horizontal distances between two patches are clipped to
+    ``[-max_relative_position, max_relative_position]`` and shifted by ``max_relative_position + 1``;
+    index 0 is kept for every pair that involves the cls token.
+
+    Returns:
+        A long tensor of shape (2, num_tokens, num_tokens). Row 0 indexes the vertical table and row
+        1 the horizontal table, already offset by the table length ``2 * max_relative_position + 2``
+        so that both address one concatenated table.
+    """
+    num_patches = num_tokens - 1
+    grid = int(math.isqrt(num_patches))
+    positions = torch.arange(num_patches, device=device)
+    rows, cols = positions // grid, positions % grid
+
+    def clipped(coordinate: torch.Tensor) -> torch.Tensor:
+        distance = coordinate[None, :] - coordinate[:, None]
+        distance = distance.clamp(-max_relative_position, max_relative_position) + max_relative_position + 1
+        return F.pad(distance, (1, 0, 1, 0), value=0)
+
+    table_length = 2 * max_relative_position + 2
+    return torch.stack([clipped(rows), clipped(cols) + table_length])
+
+
+def attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    num_heads: int,
+    scale: float,
+    qkv_layout: str = QKV_INTERLEAVED,
+    rel_k_table: torch.Tensor | None = None,
+    rel_v_table: torch.Tensor | None = None,
+    rel_index: torch.Tensor | None = None,
+    attn_drop: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Multi-head self-attention with optional 2D relative position, on already sliced weights.
+
+    Args:
+        x: tokens, (B, N, in_dim).
+        qkv_weight, qkv_bias: (3 * width, in_dim) and (3 * width,), rows in ``qkv_layout`` order.
+        proj_weight, proj_bias: (out_dim, width) and (out_dim,).
+        num_heads: heads; the head dim is ``width / num_heads``.
+        scale: factor applied to q.k and to the relative-position logits.
+        rel_k_table, rel_v_table: concatenated [vertical; horizontal] tables of shape
+            (2 * table_length, head_dim) for the key and value terms, or None for no relative position.
+        rel_index: the (2, N, N) index from :func:`relative_position_index`.
+        attn_drop: dropout probability on the attention weights.
+    """
+    batch, tokens, _ = x.shape
+    width = qkv_weight.shape[0] // 3
+    head_dim = width // num_heads
+
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    if qkv_layout == QKV_INTERLEAVED:
+        qkv = qkv.view(batch, tokens, num_heads, head_dim, 3).permute(4, 0, 2, 1, 3)
+    else:
+        qkv = qkv.view(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+
+    if rel_k_table is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop if training else 0.0, scale=scale)
+    else:
+        # The relative-position terms are taken against the short tables first and gathered after,
+        # so no (N, N, head_dim) tensor of pair embeddings is ever built.
+        index = rel_index[:, None, None].expand(2, batch, num_heads, tokens, tokens)
+        q_table = q @ rel_k_table.transpose(0, 1)
+        rel_logits = q_table.gather(-1, index[0]) + q_table.gather(-1, index[1])
+        logits = (q @ k.transpose(-2, -1) + rel_logits) * scale
+        weights = logits.softmax(dim=-1)
+        weights = F.dropout(weights, attn_drop, training)
+        pair_weights = weights.new_zeros(batch, num_heads, tokens, rel_v_table.shape[0])
+        pair_weights = pair_weights.scatter_add(-1, index[0], weights).scatter_add(-1, index[1], weights)
+        out = weights @ v + pair_weights @ rel_v_table
+
+    out = out.transpose(1, 2).reshape(batch, tokens, width)
+    return F.linear(out, proj_weight, proj_bias)
+
+
+class LinearSuper(nn.Linear):
+    """A linear layer that uses ``weight[:out_features, :in_features]`` of its largest shape."""
+
+    def __init__(self, super_in_dim: int, super_out_dim: int, bias: bool = True) -> None:
+        super().__init__(super_in_dim, super_out_dim, bias=bias)
+        self.active_in = super_in_dim
+        self.active_out = super_out_dim
+
+    def set_active(self, in_dim: int, out_dim: int) -> None:
+        self.active_in, self.active_out = in_dim, out_dim
+
+    def sliced_weight(self) -> torch.Tensor:
+        return self.weight[: self.active_out, : self.active_in]
+
+    def sliced_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[: self.active_out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.sliced_weight(), self.sliced_bias())
+
+
+class LayerNormSuper(nn.LayerNorm):
+    """A layer norm over the first ``active_dim`` channels, eps 1e-5 as in the released supernets."""
+
+    def __init__(self, super_dim: int, eps: float = 1e-5) -> None:
+        super().__init__(super_dim, eps=eps)
+        self.active_dim = super_dim
+
+    def set_active(self, dim: int) -> None:
+        self.active_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.active_dim
+        return F.layer_norm(x, (dim,), self.weight[:dim], self.bias[:dim], self.eps)
+
+
+class PatchEmbedSuper(nn.Module):
+    """Non-overlapping patch embedding whose conv uses the first ``active_dim`` output channels.
+
+    Args:
+        img_size: input height and width.
+        patch_size: patch height and width (the conv stride).
+        in_chans: input channels.
+        embed_dim: the supernet embed dim.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.active_dim = embed_dim
+
+    def set_active(self, dim: int) -> None:
+        self.active_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"input is {tuple(x.shape[-2:])} pixels but the supernet was built for "
+                f"{self.img_size}x{self.img_size}; resize the input or set the input size to match"
+            )
+        dim = self.active_dim
+        x = F.conv2d(x, self.proj.weight[:dim], self.proj.bias[:dim], stride=self.patch_size)
+        return x.flatten(2).transpose(1, 2)
+
+
+class RelativePosition2DSuper(nn.Module):
+    """Vertical and horizontal relative-position tables, (2 * max_rel + 2, head_dim) each.
+
+    Args:
+        head_dim: the largest head dim.
+        max_relative_position: distances are clipped to this many patches.
+    """
+
+    def __init__(self, head_dim: int, max_relative_position: int) -> None:
+        super().__init__()
+        rows = 2 * max_relative_position + 2
+        self.max_relative_position = max_relative_position
+        self.embeddings_table_v = nn.Parameter(torch.zeros(rows, head_dim))
+        self.embeddings_table_h = nn.Parameter(torch.zeros(rows, head_dim))
+        nn.init.trunc_normal_(self.embeddings_table_v, std=0.02)
+        nn.init.trunc_normal_(self.embeddings_table_h, std=0.02)
+
+    def sliced_table(self, head_dim: int) -> torch.Tensor:
+        """Return [vertical; horizontal] tables sliced to ``head_dim`` columns, one tensor."""
+        return torch.cat([self.embeddings_table_v[:, :head_dim], self.embeddings_table_h[:, :head_dim]])
+
+
+class AttentionSuper(nn.Module):
+    """Self-attention whose q/k/v width, head count and input dim are chosen per subnet.
+
+    With ``change_qkv`` every head is 64 wide, the q/k/v width is ``64 * num_heads`` and the qkv
+    rows are interleaved (see :data:`QKV_INTERLEAVED`). Without it, the q/k/v width is always the
+    supernet embed dim and the head dim is ``embed_dim / num_heads``.
+
+    Args:
+        embed_dim: the supernet embed dim.
+        num_heads: the supernet num heads.
+        qkv_bias: whether q/k/v have a bias.
+        qk_scale: fixed attention scale; None for ``head_dim ** -0.5`` of the active subnet.
+        attn_drop: attention-weight dropout at the supernet embed dim.
+        relative_position: whether to add 2D relative-position terms to keys and values.
+        max_relative_position: distance clip of the relative-position tables.
+        change_qkv: see above.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        relative_position: bool = False,
+        max_relative_position: int = 14,
+        change_qkv: bool = False,
+    ) -> None:
+        super().__init__()
+        self.super_embed_dim = embed_dim
+        self.change_qkv = change_qkv
+        self.qk_scale = qk_scale
+        self.super_attn_drop = attn_drop
+        self.qkv_layout = QKV_INTERLEAVED if change_qkv else QKV_GROUPED
+        qkv_width = 64 * num_heads if change_qkv else embed_dim
+        self.qkv = LinearSuper(embed_dim, 3 * qkv_width, bias=qkv_bias)
+        self.proj = LinearSuper(qkv_width, embed_dim)
+        self.relative_position = relative_position
+        self.max_relative_position = max_relative_position
+        if relative_position:
+            self.rel_pos_embed_k = RelativePosition2DSuper(embed_dim // num_heads, max_relative_position)
+            self.rel_pos_embed_v = RelativePosition2DSuper(embed_dim // num_heads, max_relative_position)
+        self._rel_index_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.set_active(embed_dim, num_heads)
+
+    def set_active(self, embed_dim: int, num_heads: int) -> None:
+        self.active_embed_dim = embed_dim
+        self.active_num_heads = num_heads
+        self.active_width = 64 * num_heads if self.change_qkv else self.super_embed_dim
+        self.qkv.set_active(embed_dim, 3 * self.active_width)
+        self.proj.set_active(self.active_width, embed_dim)
+
+    def rel_index(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        key = (num_tokens, str(device))
+        if key not in self._rel_index_cache:
+            self._rel_index_cache[key] = relative_position_index(num_tokens, self.max_relative_position, device)
+        return self._rel_index_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = self.active_num_heads
+        head_dim = self.active_width // heads
+        scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
+        attn_drop = self.super_attn_drop * self.active_embed_dim / self.super_embed_dim
+        rel_k = rel_v = rel_index = None
+        if self.relative_position:
+            rel_k = self.rel_pos_embed_k.sliced_table(head_dim)
+            rel_v = self.rel_pos_embed_v.sliced_table(head_dim)
+            rel_index = self.rel_index(x.shape[1], x.device)
+        return attention(
+            x,
+            self.qkv.sliced_weight(),
+            self.qkv.sliced_bias(),
+            self.proj.sliced_weight(),
+            self.proj.sliced_bias(),
+            heads,
+            scale,
+            self.qkv_layout,
+            rel_k,
+            rel_v,
+            rel_index,
+            attn_drop,
+            self.training,
+        )
