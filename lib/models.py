@@ -1,0 +1,58 @@
+"""Command-line flags of the supernet and its construction from a search-space config."""
+
+from __future__ import annotations
+
+import argparse
+
+from model.supernet import Supernet
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Add the supernet flags shared by search.py, train.py and evaluate.py (the reference's names)."""
+    group = parser.add_argument_group("supernet")
+    group.add_argument("--cfg", required=False, help="search-space YAML whose SUPERNET block sets the supernet size")
+    group.add_argument("--input-size", type=int, default=224, help="input height and width in pixels (default 224)")
+    group.add_argument("--patch_size", type=int, default=16, help="patch height and width in pixels (default 16)")
+    group.add_argument("--gp", action="store_true", help="classify the mean of the patch tokens instead of the cls token")
+    group.add_argument(
+        "--change_qkv",
+        "--change_qk",
+        dest="change_qkv",
+        action="store_true",
+        help="64-wide heads whose number sets the q/k/v width per layer (on in every PreNAS supernet)",
+    )
+    group.add_argument("--relative_position", action="store_true", help="add 2D relative-position terms in attention")
+    group.add_argument(
+        "--max_relative_position", type=int, default=14, help="clip of relative distances in patches (default 14)"
+    )
+    group.add_argument(
+        "--no_abs_pos", dest="abs_pos", action="store_false", help="drop the learned absolute position embedding"
+    )
+    group.add_argument("--drop", type=float, default=0.0, help="dropout rate at the supernet embed dim (default 0)")
+    group.add_argument(
+        "--drop-path", type=float, default=0.1, help="stochastic-depth rate of the last block (default 0.1)"
+    )
+
+
+def create_supernet(args: argparse.Namespace, supernet_config, num_classes: int) -> Supernet:
+    """Build the supernet that ``supernet_config`` (a ``lib.config.SupernetConfig``) and the flags describe."""
+    return Supernet(
+        img_size=args.input_size,
+        patch_size=args.patch_size,
+        in_chans=3,
+        num_classes=num_classes,
+        embed_dim=supernet_config.embed_dim,
+        depth=supernet_config.depth,
+        num_heads=supernet_config.num_heads,
+        mlp_ratio=supernet_config.mlp_ratio,
+        qkv_bias=True,
+        drop_rate=args.drop,
+        attn_drop_rate=0.0,
+        drop_path_rate=args.drop_path,
+        pre_norm=True,
+        gp=args.gp,
+        relative_position=args.relative_position,
+        change_qkv=args.change_qkv,
+        max_relative_position=args.max_relative_position,
+        abs_pos=args.abs_pos,
+    )
