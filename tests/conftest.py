@@ -9,5 +9,5 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# Tests share a small machine with other jobs; two threads keep them from starving each other.
+# Cap torch at two threads so that test runs started side by side do not oversubscribe the CPU.
 torch.set_num_threads(min(2, torch.get_num_threads()))
