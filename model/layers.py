@@ -26,30 +26,59 @@ def gelu_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 def relative_position_index(num_tokens: int, max_relative_position: int, device=None) -> torch.Tensor:
-    """Build the index of each token pair into the concatenated [vertical; horizontal] table.
+    """Build, for every token, its index into the relative-position tables per key row and column.
 
     Tokens are a cls token followed by a square grid of ``num_tokens - 1`` patches in row-major
-    order. The vertical and horizontal distances between two patches are clipped to
-    ``[-max_relative_position, max_relative_position]`` and shifted by ``max_relative_position + 1``;
-    index 0 is kept for every pair that involves the cls token.
+    order. A pair's embedding is ``table_v[vertical] + table_h[horizontal]``. The vertical distance
+    from a patch to grid row r, and its horizontal distance to grid column c, are clipped to
+    ``[-max_relative_position, max_relative_position]`` and shifted by ``max_relative_position + 1``.
+    Index 0 is kept for every pair that involves the cls token. So the N x N pairs are described
+    by per-row and per-column indices.
 
     Returns:
-        A long tensor of shape (2, num_tokens, num_tokens). Row 0 indexes the vertical table and row
-        1 the horizontal table, already offset by the table length ``2 * max_relative_position + 2``
-        so that both address one concatenated table.
+        A long tensor of shape (2, num_tokens, grid + 1). Row 0 indexes the vertical table and row 1
+        the horizontal table, offset by the table length ``2 * max_relative_position + 2`` so that
+        both address one concatenated [vertical; horizontal] table. Column 0 is the cls key, and
+        column 1 + r is grid row r (vertical) or grid column r (horizontal).
     """
     num_patches = num_tokens - 1
-    grid = int(math.isqrt(num_patches))
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ValueError(f"relative position needs a square grid of patches, got {num_patches} patches")
+    table_length = 2 * max_relative_position + 2
+    coordinate = torch.arange(grid, device=device)
     positions = torch.arange(num_patches, device=device)
-    rows, cols = positions // grid, positions % grid
 
-    def clipped(coordinate: torch.Tensor) -> torch.Tensor:
-        distance = coordinate[None, :] - coordinate[:, None]
+    def clipped(token_coordinate: torch.Tensor) -> torch.Tensor:
+        distance = coordinate[None, :] - token_coordinate[:, None]
         distance = distance.clamp(-max_relative_position, max_relative_position) + max_relative_position + 1
         return F.pad(distance, (1, 0, 1, 0), value=0)
 
-    table_length = 2 * max_relative_position + 2
-    return torch.stack([clipped(rows), clipped(cols) + table_length])
+    return torch.stack([clipped(positions // grid), clipped(positions % grid) + table_length])
+
+
+def _relative_logits(q_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
+    """Expand per-row and per-column table scores, (B, H, N, 2R), to pair logits, (B, H, N, N)."""
+    batch, heads, tokens, _ = q_table.shape
+    index = rel_index[:, None, None].expand(2, batch, heads, tokens, rel_index.shape[-1])
+    vertical = q_table.gather(-1, index[0])
+    horizontal = q_table.gather(-1, index[1])
+    cls = vertical[..., :1] + horizontal[..., :1]
+    patches = vertical[..., 1:, None] + horizontal[..., None, 1:]
+    return torch.cat([cls, patches.flatten(-2)], dim=-1)
+
+
+def _relative_weights(weights: torch.Tensor, rel_index: torch.Tensor, rows: int) -> torch.Tensor:
+    """Sum attention weights, (B, H, N, N), into the table rows that they select, (B, H, N, 2R)."""
+    batch, heads, tokens, _ = weights.shape
+    grid = rel_index.shape[-1] - 1
+    index = rel_index[:, None, None].expand(2, batch, heads, tokens, grid + 1)
+    cls = weights[..., :1]
+    patches = weights[..., 1:].unflatten(-1, (grid, grid))
+    per_row = torch.cat([cls, patches.sum(-1)], dim=-1)
+    per_column = torch.cat([cls, patches.sum(-2)], dim=-1)
+    table_weights = weights.new_zeros(batch, heads, tokens, rows)
+    return table_weights.scatter_add(-1, index[0], per_row).scatter_add(-1, index[1], per_column)
 
 
 def attention(
@@ -77,7 +106,7 @@ def attention(
         scale: factor applied to q.k and to the relative-position logits.
         rel_k_table, rel_v_table: concatenated [vertical; horizontal] tables of shape
             (2 * table_length, head_dim) for the key and value terms, or None for no relative position.
-        rel_index: the (2, N, N) index from :func:`relative_position_index`.
+        rel_index: the (2, N, grid + 1) index from :func:`relative_position_index`.
         attn_drop: dropout probability on the attention weights.
     """
     batch, tokens, _ = x.shape
@@ -94,17 +123,15 @@ def attention(
     if rel_k_table is None:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop if training else 0.0, scale=scale)
     else:
-        # The relative-position terms are taken against the short tables first and gathered after,
-        # so no (N, N, head_dim) tensor of pair embeddings is ever built.
-        index = rel_index[:, None, None].expand(2, batch, num_heads, tokens, tokens)
-        q_table = q @ rel_k_table.transpose(0, 1)
-        rel_logits = q_table.gather(-1, index[0]) + q_table.gather(-1, index[1])
+        # A pair's embedding is the sum of a row-distance and a column-distance embedding, so both
+        # terms factor through the short tables: scores against the tables are expanded to pairs,
+        # and attention weights are summed over grid rows and columns before meeting the tables.
+        # No (N, N, head_dim) tensor is built, and the backward has no large index-put.
+        rel_logits = _relative_logits(q @ rel_k_table.transpose(0, 1), rel_index)
         logits = (q @ k.transpose(-2, -1) + rel_logits) * scale
         weights = logits.softmax(dim=-1)
         weights = F.dropout(weights, attn_drop, training)
-        pair_weights = weights.new_zeros(batch, num_heads, tokens, rel_v_table.shape[0])
-        pair_weights = pair_weights.scatter_add(-1, index[0], weights).scatter_add(-1, index[1], weights)
-        out = weights @ v + pair_weights @ rel_v_table
+        out = weights @ v + _relative_weights(weights, rel_index, rel_v_table.shape[0]) @ rel_v_table
 
     out = out.transpose(1, 2).reshape(batch, tokens, width)
     return F.linear(out, proj_weight, proj_bias)
