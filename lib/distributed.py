@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,31 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+class ShardSampler(Sampler[int]):
+    """Splits dataset indices over processes without padding, for exact evaluation.
+
+    Rank ``r`` of ``n`` takes indices ``r, r + n, r + 2n, ...`` in order, so every index is
+    visited exactly once across processes. Ranks may get one index more than others, unlike
+    ``torch.utils.data.DistributedSampler``, which repeats indices to equalise them.
+
+    Args:
+        dataset_size: number of samples in the dataset.
+        rank: rank of this process (default: the current rank).
+        world_size: number of processes (default: the current world size).
+    """
+
+    def __init__(self, dataset_size: int, rank: int | None = None, world_size: int | None = None) -> None:
+        self.dataset_size = dataset_size
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.dataset_size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_size, self.world_size))
 
 
 def cleanup() -> None:
