@@ -57,28 +57,42 @@ def relative_position_index(num_tokens: int, max_relative_position: int, device=
     return torch.stack([clipped(positions // grid), clipped(positions % grid) + table_length])
 
 
-def _relative_logits(q_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
-    """Expand per-row and per-column table scores, (B, H, N, 2R), to pair logits, (B, H, N, N)."""
-    batch, heads, tokens, _ = q_table.shape
-    index = rel_index[:, None, None].expand(2, batch, heads, tokens, rel_index.shape[-1])
-    vertical = q_table.gather(-1, index[0])
-    horizontal = q_table.gather(-1, index[1])
-    cls = vertical[..., :1] + horizontal[..., :1]
-    patches = vertical[..., 1:, None] + horizontal[..., None, 1:]
-    return torch.cat([cls, patches.flatten(-2)], dim=-1)
+def _key_grid_features(tokens: int, grid: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """One-hot grid row and grid column of each key, (N, 2 * (grid + 1)); slot 0 of each half is the cls key."""
+    positions = torch.arange(tokens - 1, device=device)
+    cls = positions.new_zeros(1)
+    rows = torch.cat([cls, 1 + positions // grid])
+    columns = torch.cat([cls, 1 + positions % grid])
+    return torch.cat([F.one_hot(rows, grid + 1), F.one_hot(columns, grid + 1)], dim=-1).to(dtype)
 
 
-def _relative_weights(weights: torch.Tensor, rel_index: torch.Tensor, rows: int) -> torch.Tensor:
-    """Sum attention weights, (B, H, N, N), into the table rows that they select, (B, H, N, 2R)."""
-    batch, heads, tokens, _ = weights.shape
+def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, scale, dropout):
+    """Attention whose logits and outputs include 2D relative-position terms, through one fused kernel.
+
+    A pair's embedding is a row-distance plus a column-distance embedding, so both terms factor
+    through the short tables. The key term of query i and key j is ``s_i[row_j] + t_i[col_j]``,
+    where ``s_i`` and ``t_i`` are the scores of q_i against the tables, gathered per grid row and
+    column: appending ``[s_i, t_i]`` to q_i and a one-hot grid row and column to k_j adds it to the
+    logits. Appending the same one-hot to v_j makes the attention output carry the weight that
+    each query puts on every grid row and column, which then meets the value tables. So
+    ``F.scaled_dot_product_attention`` does all N x N work, and no (N, N, head_dim) tensor exists.
+    """
+    batch, heads, tokens, head_dim = q.shape
     grid = rel_index.shape[-1] - 1
     index = rel_index[:, None, None].expand(2, batch, heads, tokens, grid + 1)
-    cls = weights[..., :1]
-    patches = weights[..., 1:].unflatten(-1, (grid, grid))
-    per_row = torch.cat([cls, patches.sum(-1)], dim=-1)
-    per_column = torch.cat([cls, patches.sum(-2)], dim=-1)
-    table_weights = weights.new_zeros(batch, heads, tokens, rows)
-    return table_weights.scatter_add(-1, index[0], per_row).scatter_add(-1, index[1], per_column)
+
+    q = q * scale
+    q_table = q @ rel_k_table.transpose(0, 1)
+    q = torch.cat([q, q_table.gather(-1, index[0]), q_table.gather(-1, index[1])], dim=-1)
+    features = _key_grid_features(tokens, grid, q.dtype, q.device).expand(batch, heads, tokens, -1)
+    k = torch.cat([k, features], dim=-1)
+    v = torch.cat([v, features], dim=-1)
+
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0)
+    out, per_row, per_column = out.split([head_dim, grid + 1, grid + 1], dim=-1)
+    table_weights = out.new_zeros(batch, heads, tokens, rel_v_table.shape[0])
+    table_weights = table_weights.scatter_add(-1, index[0], per_row).scatter_add(-1, index[1], per_column)
+    return out + table_weights @ rel_v_table
 
 
 def attention(
@@ -123,15 +137,7 @@ def attention(
     if rel_k_table is None:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop if training else 0.0, scale=scale)
     else:
-        # A pair's embedding is the sum of a row-distance and a column-distance embedding, so both
-        # terms factor through the short tables: scores against the tables are expanded to pairs,
-        # and attention weights are summed over grid rows and columns before meeting the tables.
-        # No (N, N, head_dim) tensor is built, and the backward has no large index-put.
-        rel_logits = _relative_logits(q @ rel_k_table.transpose(0, 1), rel_index)
-        logits = (q @ k.transpose(-2, -1) + rel_logits) * scale
-        weights = logits.softmax(dim=-1)
-        weights = F.dropout(weights, attn_drop, training)
-        out = weights @ v + _relative_weights(weights, rel_index, rel_v_table.shape[0]) @ rel_v_table
+        out = _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, scale, attn_drop if training else 0.0)
 
     out = out.transpose(1, 2).reshape(batch, tokens, width)
     return F.linear(out, proj_weight, proj_bias)
@@ -285,7 +291,9 @@ class AttentionSuper(nn.Module):
     def rel_index(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         key = (num_tokens, str(device))
         if key not in self._rel_index_cache:
-            self._rel_index_cache[key] = relative_position_index(num_tokens, self.max_relative_position, device)
+            # A tensor made under inference mode could not be used by a later training step.
+            with torch.inference_mode(False):
+                self._rel_index_cache[key] = relative_position_index(num_tokens, self.max_relative_position, device)
         return self._rel_index_cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

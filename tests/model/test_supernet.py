@@ -324,3 +324,13 @@ def test_input_size_mismatch_is_reported():
     model = Supernet(img_size=32, patch_size=8, num_classes=10, embed_dim=128, depth=2, num_heads=2, change_qkv=True)
     with pytest.raises(ValueError, match=r"\(64, 64\) pixels but the supernet was built for 32x32"):
         model(torch.randn(1, 3, 64, 64))
+
+
+def test_training_after_inference_mode():
+    model = Supernet(img_size=32, patch_size=8, num_classes=10, embed_dim=128, depth=2, num_heads=2,
+                     relative_position=True, change_qkv=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert model.blocks[0].attn.rel_pos_embed_k.embeddings_table_v.grad is not None

@@ -1,0 +1,123 @@
+"""Measure images/s of the Tiny supernet and of exported subnets: eval forward and train step.
+
+The Tiny supernet is embed 256, depth 14, 4 heads, mlp ratio 4.0, 224x224 input, patch 16,
+1000 classes, global pooling, relative position and change_qkv. The candidates are the smallest
+("6.0") and the largest ("11.0") released Tiny subnets. A train step is forward, cross-entropy,
+backward and an AdamW step, with a different candidate each step (it alternates between the two,
+and only the steps of the named candidate are timed). Each figure is the best of ``--repeats`` timed rounds after one warm-up round.
+
+    python bench/model_speed.py            # a table
+    python bench/model_speed.py --json     # one JSON object per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.subnet import export_subnet  # noqa: E402
+from model.supernet import Supernet  # noqa: E402
+
+TINY_CANDIDATES = {
+    "6.0": {
+        "layer_num": 12,
+        "embed_dim": [192] * 12,
+        "num_heads": [4, 4, 4, 4, 3, 3, 3, 3, 3, 4, 3, 4],
+        "mlp_ratio": [4, 4, 4, 4, 4, 3.5, 3.5, 4, 4, 3.5, 4, 4],
+    },
+    "11.0": {"layer_num": 14, "embed_dim": [240] * 14, "num_heads": [4] * 14, "mlp_ratio": [4.0] * 14},
+}
+
+
+def best_rate(step, images: int, steps: int, repeats: int) -> float:
+    """Return the best images/s over ``repeats`` rounds of ``steps`` calls, after one warm-up call."""
+    step(0)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for index in range(steps):
+            step(index)
+        best = max(best, images * steps / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--eval-batch", type=int, default=32, help="eval batch size (default 32)")
+    parser.add_argument("--train-batch", type=int, default=16, help="train batch size (default 16)")
+    parser.add_argument("--steps", type=int, default=3, help="timed calls per round (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the best counts (default 3)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+
+    supernet = Supernet(
+        img_size=224, patch_size=16, num_classes=1000, embed_dim=256, depth=14, num_heads=4, mlp_ratio=4.0,
+        drop_path_rate=0.1, gp=True, relative_position=True, change_qkv=True,
+    ).to(device)
+    eval_input = torch.randn(args.eval_batch, 3, 224, 224, device=device)
+    rows = []
+
+    supernet.eval()
+    for key, candidate in TINY_CANDIDATES.items():
+        supernet.set_subnet(candidate)
+        exported = export_subnet(supernet, candidate)
+        for name, model in (("supernet", supernet), ("exported", exported)):
+            with torch.inference_mode():
+                rate = best_rate(lambda _: model(eval_input), args.eval_batch, args.steps, args.repeats)
+            rows.append({"model": name, "mode": "eval", "candidate": key, "batch_size": args.eval_batch, "images_per_s": rate})
+
+    supernet.train()
+    optimizer = torch.optim.AdamW(supernet.parameters(), lr=1e-4)
+    train_input = torch.randn(args.train_batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 1000, (args.train_batch,), device=device)
+    order = list(TINY_CANDIDATES.values())
+
+    def train_step(candidate: dict) -> float:
+        """Run one step on ``candidate`` and return its duration in seconds."""
+        start = time.perf_counter()
+        supernet.set_subnet(candidate)
+        loss = F.cross_entropy(supernet(train_input), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    for key, candidate in TINY_CANDIDATES.items():
+        # Each timed step follows an untimed step on another candidate, so every step sets a new subnet.
+        other = order[1] if candidate is order[0] else order[0]
+        train_step(candidate)
+        best = 0.0
+        for _ in range(args.repeats):
+            seconds = 0.0
+            for _ in range(args.steps):
+                train_step(other)
+                seconds += train_step(candidate)
+            best = max(best, args.train_batch * args.steps / seconds)
+        rows.append({"model": "supernet", "mode": "train", "candidate": key, "batch_size": args.train_batch,
+                     "images_per_s": best})
+
+    for row in rows:
+        row["images_per_s"] = round(row["images_per_s"], 2)
+        if args.json:
+            print(json.dumps(row))
+    if not args.json:
+        print(f"{'model':<10}{'mode':<7}{'candidate':<11}{'batch':>6}{'images/s':>10}")
+        for row in rows:
+            print(f"{row['model']:<10}{row['mode']:<7}{row['candidate']:<11}{row['batch_size']:>6}{row['images_per_s']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
