@@ -1,0 +1,392 @@
+"""Zero-shot search of PreNAS: score every subnet of a search space with a zero-cost proxy.
+
+The supernet is built at initialisation (or loaded with ``--resume``), one gradient is taken at
+the largest subnet of the search space, and every candidate is scored with the proxy. The best
+``--cand-per-interval`` candidates of each parameter-count (or FLOPs) interval are the preferred
+candidates.
+
+Outputs (written by rank 0 only): the interval-candidates JSON (``--interval-cands-output``), one
+JSON line per scored candidate (``--scores-output``) and the derived preferred-space YAML
+(``--choices-output``).
+
+Single process, data-free, on CPU::
+
+    python search.py --cfg experiments/supernet/supernet-T.yaml --gp --change_qk --relative_position \\
+        --data-free --device cpu --min_param_limits 5 --param_limits 12 --param-interval 1.0 \\
+        --interval-cands-output interval_cands/tiny.json
+
+Several processes (Gloo on CPU, NCCL on CUDA)::
+
+    torchrun --nproc_per_node 8 search.py --device cuda ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lib import distributed
+from lib.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_supernet_weights
+from lib.choices import derive_preferred_space, write_preferred_space
+from lib.config import ConfigError, load_search_space, save_interval_candidates
+from lib.datasets import DataError, add_data_args, build_dataset
+from lib.distributed import DistributedError
+from lib.evolution import EvolutionSettings, evolution_search, random_search
+from lib.logger import setup_logging
+from lib.models import add_model_args, create_supernet
+from lib.proxy import (
+    BLOCK_SCORE_METHODS,
+    SCORE_METHODS,
+    ProxyError,
+    SubnetScorer,
+    data_free_gradient,
+    data_gradient,
+    head_block_scores,
+    mlp_block_scores,
+    needs_gradient,
+)
+from lib.search import (
+    FLOPS_SCALE,
+    PARAMS_SCALE,
+    AdditiveCost,
+    Choices,
+    IntervalGrid,
+    SearchError,
+    SearchResult,
+    count_enumerated,
+    iteration_search,
+)
+from model.candidate import HEAD_DIM, CandidateError
+
+logger = logging.getLogger("search")
+
+DEFAULT_NUM_CLASSES = 1000
+
+
+class UsageError(ValueError):
+    """Command-line arguments that cannot work together."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "PreNAS zero-shot search",
+        description="Score every subnet of a search space with a zero-cost proxy and keep the best per interval.",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=64,
+                        help="data-free: images in the whole batch, split across processes; with data: images "
+                             "per process and batch (default 64)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="'cuda' or 'cpu' (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the supernet initialisation, the data-free batch and the sampling (default 0)")
+    parser.add_argument("--resume", default="", help="score the weights of this supernet checkpoint")
+    parser.add_argument("--output_dir", default=None, help="folder for run.log (default: log to stderr only)")
+    parser.add_argument("--dist-eval", action="store_true",
+                        help="accepted for the reference's command line; the search evaluates nothing")
+
+    group = parser.add_argument_group("proxy")
+    group.add_argument("--data-free", action="store_true",
+                       help="take the gradient on a random ImageNet-statistics batch; needs no dataset")
+    group.add_argument("--grad-batches", type=_non_negative_int, default=0,
+                       help="with data: training batches per process for the mean gradient; 0 uses the whole "
+                            "training set (default 0)")
+    group.add_argument("--nb-classes", type=_positive_int, default=None,
+                       help=f"classes of the head with --data-free (default: from --resume, else "
+                            f"{DEFAULT_NUM_CLASSES})")
+    group.add_argument("--score-method", default="left_super_taylor6", choices=SCORE_METHODS,
+                       help="subnet proxy score (default left_super_taylor6: sum of |theta * grad|)")
+    group.add_argument("--block-score-method-for-head", default="balance_taylor6_max_dim", choices=BLOCK_SCORE_METHODS,
+                       help="layer scores that place larger num heads (default balance_taylor6_max_dim)")
+    group.add_argument("--block-score-method-for-mlp", default="balance_taylor6_max_dim", choices=BLOCK_SCORE_METHODS,
+                       help="layer scores that place larger mlp ratios (default balance_taylor6_max_dim)")
+
+    group = parser.add_argument_group("intervals and outputs")
+    group.add_argument("--constraint", default="params", choices=("params", "flops"),
+                       help="bin candidates by parameter count in M (default) or by FLOPs in G")
+    group.add_argument("--min_param_limits", type=float, default=4.0,
+                       help="lower bound of the first interval, in M params or G FLOPs (default 4)")
+    group.add_argument("--param_limits", type=float, default=12.0,
+                       help="no interval extends above this, in M params or G FLOPs (default 12)")
+    group.add_argument("--param-interval", type=float, default=2.0,
+                       help="interval width, in M params or G FLOPs (default 2)")
+    group.add_argument("--cand-per-interval", type=_positive_int, default=1,
+                       help="candidates kept per interval (default 1)")
+    group.add_argument("--interval-cands-output", default="interval_cands/candidates.json",
+                       help="interval-candidates JSON to write (default interval_cands/candidates.json)")
+    group.add_argument("--scores-output", default=None,
+                       help="JSON lines file with every scored candidate (default: not written)")
+    group.add_argument("--choices-output", default=None,
+                       help="preferred-space YAML derived from the selected candidates (default: not written)")
+
+    group = parser.add_argument_group("search strategy")
+    group.add_argument("--search-mode", default="iteration", choices=("iteration", "random", "evolution"),
+                       help="iteration: score every count distribution; random or evolution: sample (default iteration)")
+    group.add_argument("--legacy-enumeration", action="store_true",
+                       help="enumerate as the reference does, which for three or more choices skips every "
+                            "distribution where a middle choice has no layer")
+    group.add_argument("--population-num", type=_positive_int, default=50,
+                       help="random and evolution: candidates per interval or generation (default 50)")
+    group.add_argument("--max-epochs", type=_positive_int, default=20, help="evolution: generations per interval (default 20)")
+    group.add_argument("--select-num", type=_positive_int, default=20, help="evolution: parents per generation (default 20)")
+    group.add_argument("--mutation-num", type=_non_negative_int, default=25,
+                       help="evolution: mutants per generation (default 25)")
+    group.add_argument("--crossover-num", type=_non_negative_int, default=25,
+                       help="evolution: crossovers per generation (default 25)")
+    group.add_argument("--m_prob", type=float, default=0.2,
+                       help="evolution: per-layer mutation probability of num heads and mlp ratio (default 0.2)")
+    group.add_argument("--s_prob", type=float, default=0.4,
+                       help="evolution: mutation probability of depth and of embed dim (default 0.4)")
+    group.add_argument("--reallocate", action="store_true",
+                       help="random and evolution: place sampled choices by block scores instead of at random layers")
+
+    add_model_args(parser)
+    add_data_args(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Supernet and gradient
+
+
+def resolve_num_classes(args: argparse.Namespace, checkpoint_state: dict | None, dataset_classes: int | None) -> int:
+    """Return the head's class count from the dataset, the checkpoint or ``--nb-classes``, which must agree."""
+    sources = {}
+    if dataset_classes is not None:
+        sources["the training set"] = dataset_classes
+    if checkpoint_state is not None:
+        if "head.weight" not in checkpoint_state:
+            raise CheckpointError(f"checkpoint {args.resume} has no head.weight; it is not a supernet checkpoint")
+        sources[f"checkpoint {args.resume}"] = int(checkpoint_state["head.weight"].shape[0])
+    if args.nb_classes is not None:
+        sources["--nb-classes"] = args.nb_classes
+
+    counts = set(sources.values())
+    if len(counts) > 1:
+        listing = ", ".join(f"{source}: {count}" for source, count in sources.items())
+        raise UsageError(f"the class counts disagree ({listing}); make them match or drop --nb-classes")
+    return counts.pop() if counts else DEFAULT_NUM_CLASSES
+
+
+def build_supernet(args, space, context, checkpoint_state, num_classes):
+    torch.manual_seed(args.seed)
+    model = create_supernet(args, space.supernet, num_classes)
+    if checkpoint_state is not None:
+        load_supernet_weights(model, checkpoint_state)
+        logger.info("scoring the weights of %s", args.resume)
+    return model.to(context.device)
+
+
+def gradient_loader(args: argparse.Namespace, dataset, context) -> DataLoader:
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+                                 seed=args.seed)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and context.device.type == "cuda", drop_last=False,
+                      generator=torch.Generator().manual_seed(args.seed))
+
+
+def proxy_gradient(args, model, largest: dict, context, dataset) -> dict[str, torch.Tensor] | None:
+    if not needs_gradient(args.score_method, [args.block_score_method_for_head, args.block_score_method_for_mlp]):
+        logger.info("the chosen methods read no gradient; skipping the backward pass")
+        return None
+
+    start = time.perf_counter()
+    if args.data_free:
+        logger.info("taking the data-free gradient: %d images of %dx%d at the largest subnet",
+                    args.batch_size, args.input_size, args.input_size)
+        gradients = data_free_gradient(model, largest, batch_size=args.batch_size, input_size=args.input_size,
+                                       seed=args.seed, rank=context.rank, world_size=context.world_size,
+                                       device=context.device)
+    else:
+        loader = gradient_loader(args, dataset, context)
+        batches = args.grad_batches or len(loader)
+        logger.info("taking the mean gradient over %d batch(es) of %d images per process", batches, args.batch_size)
+        gradients = data_gradient(model, largest, loader, max_batches=args.grad_batches, device=context.device)
+    logger.info("gradient done in %.1f s", time.perf_counter() - start)
+    return gradients
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not args.cfg:
+        raise UsageError("--cfg is missing; pass a full search-space YAML such as experiments/supernet/supernet-T.yaml")
+    if not args.change_qkv:
+        raise UsageError("the proxy scores assume 64-wide heads with interleaved q/k/v rows; pass --change_qkv "
+                         "(or --change_qk), as every PreNAS search does")
+    if args.data_free and args.grad_batches:
+        raise UsageError("--grad-batches applies to the gradient on data; drop it or drop --data-free")
+    if not args.data_free and args.nb_classes is not None:
+        raise UsageError("--nb-classes applies to --data-free; with data the training set sets the class count")
+
+
+def run_search(args, choices: Choices, score, cost, grid: IntervalGrid, head_scores, mlp_scores) -> SearchResult:
+    if args.search_mode == "iteration":
+        total = count_enumerated(choices, args.legacy_enumeration)
+        logger.info("enumerating and scoring %d candidates%s", total,
+                    " (legacy enumeration)" if args.legacy_enumeration else "")
+        return iteration_search(choices, score, cost, grid, head_scores, mlp_scores, args.cand_per_interval,
+                                args.legacy_enumeration)
+
+    settings = EvolutionSettings(
+        population_num=args.population_num, max_epochs=args.max_epochs, select_num=args.select_num,
+        mutation_num=args.mutation_num, crossover_num=args.crossover_num, m_prob=args.m_prob, s_prob=args.s_prob,
+        reallocate=args.reallocate,
+    )
+    strategy = random_search if args.search_mode == "random" else evolution_search
+    logger.info("%s search over %d interval(s)", args.search_mode, len(grid))
+    return strategy(choices, score, cost, grid, head_scores, mlp_scores, args.cand_per_interval, settings, args.seed)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def interval_candidates(result: SearchResult, grid: IntervalGrid, params: np.ndarray) -> dict[str, list[dict]]:
+    """Return interval key -> selected candidates with ``num_params`` (M) and ``score``, as the reference writes them."""
+    mapping = {}
+    for interval, rows in result.selected.items():
+        mapping[grid.keys[interval]] = [
+            dict(result.candidates.candidate(row).to_dict(), num_params=float(params[row]) / PARAMS_SCALE,
+                 score=float(result.scores[row]))
+            for row in rows
+        ]
+    return mapping
+
+
+def scores_lines(result: SearchResult, grid: IntervalGrid, params: np.ndarray, flops: np.ndarray) -> str:
+    lines = []
+    for row in range(len(result.candidates)):
+        interval = int(result.interval_index[row])
+        lines.append(json.dumps({
+            "candidate": result.candidates.candidate(row).to_dict(),
+            "num_params": float(params[row]) / PARAMS_SCALE,
+            "flops": float(flops[row]) / FLOPS_SCALE,
+            "score": float(result.scores[row]),
+            "interval": grid.keys[interval] if interval >= 0 else None,
+        }))
+    return "\n".join(lines) + "\n"
+
+
+def search(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    check_args(args)
+    context = distributed.init_distributed(args.device)
+    setup_logging(context.rank, args.output_dir)
+    logger.info("arguments: %s", vars(args))
+
+    space = load_search_space(args.cfg)
+    choices = Choices.from_space(space)
+    checkpoint_state = extract_state_dict(load_checkpoint_file(args.resume)) if args.resume else None
+    dataset, dataset_classes = (None, None) if args.data_free else build_dataset(True, args)
+    num_classes = resolve_num_classes(args, checkpoint_state, dataset_classes)
+    model = build_supernet(args, space, context, checkpoint_state, num_classes)
+
+    params_cost = AdditiveCost(model.num_params, choices, "parameter count", seed=args.seed)
+    flops_cost = AdditiveCost(model.flops, choices, "FLOPs", seed=args.seed)
+    if args.constraint == "params":
+        grid = IntervalGrid(args.min_param_limits, args.param_limits, args.param_interval, PARAMS_SCALE, "M")
+        constraint_cost = params_cost
+    else:
+        grid = IntervalGrid(args.min_param_limits, args.param_limits, args.param_interval, FLOPS_SCALE, "G")
+        constraint_cost = flops_cost
+    smallest, largest = choices.smallest_candidate(), choices.largest_candidate()
+    logger.info("search space spans %.3f-%.3f M params and %.3f-%.3f G FLOPs; intervals %s",
+                params_cost.single(smallest) / PARAMS_SCALE, params_cost.single(largest) / PARAMS_SCALE,
+                flops_cost.single(smallest) / FLOPS_SCALE, flops_cost.single(largest) / FLOPS_SCALE,
+                ", ".join(grid.describe(index) for index in range(len(grid))))
+
+    gradients = proxy_gradient(args, model, largest.to_dict(), context, dataset)
+    parameters = {name: parameter.detach() for name, parameter in model.named_parameters()}
+    depth = space.supernet.depth
+    head_scores = head_block_scores(parameters, gradients, args.block_score_method_for_head,
+                                    embed_dims=choices.embed_dim, num_heads=choices.num_heads, depth=depth,
+                                    head_dim=HEAD_DIM)
+    mlp_scores = mlp_block_scores(parameters, gradients, args.block_score_method_for_mlp,
+                                  embed_dims=choices.embed_dim, mlp_ratios=choices.mlp_ratio, depth=depth)
+    if args.score_method == "params":
+        def score(batch):
+            return params_cost(batch) / PARAMS_SCALE
+    else:
+        score = SubnetScorer(parameters, gradients, args.score_method, depth=depth, head_dim=HEAD_DIM,
+                             embed_dims=choices.embed_dim).score
+
+    search_start = time.perf_counter()
+    result = run_search(args, choices, score, constraint_cost, grid, head_scores, mlp_scores)
+    logger.info("scored %d candidates in %.2f s", len(result.candidates), time.perf_counter() - search_start)
+    if not result.selected:
+        raise SearchError(f"no scored candidate falls into the intervals {grid.describe(0)} to "
+                          f"{grid.describe(len(grid) - 1)}; set --min_param_limits and --param_limits within the "
+                          f"search space's range logged above")
+
+    params = params_cost(result.candidates)
+    mapping = interval_candidates(result, grid, params)
+    for key, candidates in mapping.items():
+        logger.info("interval %s: %s", key, "; ".join(
+            f"{c['num_params']:.3f} M, score {c['score']:.6g}, depth {c['layer_num']}, embed dim {c['embed_dim'][0]}"
+            for c in candidates))
+
+    if context.is_main:
+        written = [f"interval candidates to {args.interval_cands_output}"]
+        save_interval_candidates(args.interval_cands_output, mapping)
+        if args.scores_output:
+            _write_atomic(Path(args.scores_output), scores_lines(result, grid, params, flops_cost(result.candidates)))
+            written.append(f"{len(result.candidates)} scores to {args.scores_output}")
+        if args.choices_output:
+            write_preferred_space(args.choices_output, derive_preferred_space(mapping), force=True)
+            written.append(f"the preferred space to {args.choices_output}")
+        logger.info("search finished in %.1f s: wrote %s", time.perf_counter() - start, ", ".join(written))
+    distributed.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        search(args)
+    except (UsageError, ConfigError, CandidateError, CheckpointError, DataError, DistributedError, ProxyError,
+            SearchError) as error:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO)
+        logger.error("%s", error)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
