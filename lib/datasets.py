@@ -290,6 +290,7 @@ class ImageFolderDataset(Dataset):
         transform: applied to each RGB PIL image.
         skip_corrupt: when an image cannot be read, log a warning and return the next readable image
             instead of raising ``DataError``. The dataset length stays the same.
+            NOTE: so in a validation set a skipped image is counted again as its neighbour.
         images_per_class: keep a fixed subset of this many images per class, chosen by a hash of each
             image's path relative to ``root``. Classes with fewer images keep all of them.
     """
