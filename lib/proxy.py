@@ -210,9 +210,9 @@ def element_values(method: str, weight: torch.Tensor, gradient: torch.Tensor | N
     raise ProxyError(f"score method {method!r} is not a sum of element values; choose one of {SCORE_METHODS[:4]}")
 
 
-def _prefix_sums(values: torch.Tensor) -> np.ndarray:
+def _prefix_sums(values: torch.Tensor) -> torch.Tensor:
     """Cumulative sums along the last axis with a leading 0, so ``result[..., n]`` sums the first n."""
-    return F.pad(values.cumsum(-1), (1, 0)).numpy()
+    return F.pad(values.cumsum(-1), (1, 0))
 
 
 @dataclass
@@ -234,6 +234,8 @@ class SubnetScorer:
         method: one of the summing score methods (not ``params``).
         depth: the supernet depth.
         head_dim: width of one head (64 with ``change_qkv``).
+        embed_dims: embed dims to build score tables for now; tables for other embed dims are
+            built when a candidate first needs them.
     """
 
     def __init__(
@@ -244,6 +246,7 @@ class SubnetScorer:
         *,
         depth: int,
         head_dim: int = 64,
+        embed_dims: Iterable[int] = (),
     ) -> None:
         check_score_method(method)
         if method == "params":
@@ -257,22 +260,34 @@ class SubnetScorer:
         self.super_hidden = parameters["blocks.0.fc1.weight"].shape[0]
         self.super_width = parameters["blocks.0.attn.qkv.weight"].shape[0] // 3
         self._tables: dict[int, _EmbedTables] = {}
+        self._add_tables(sorted(set(embed_dims)))
 
     def _values(self, name: str) -> torch.Tensor:
         gradient = None if self.gradients is None else self.gradients[name]
         return element_values(self.method, self.parameters[name], gradient).cpu()
 
-    def _build_tables(self, embed: int) -> _EmbedTables:
-        def leading(name: str) -> float:
-            return float(self._values(name)[:embed].sum())
+    def _add_tables(self, embeds: list[int]) -> None:
+        """Build the score tables of ``embeds``, reading each parameter once for all of them."""
+        if not embeds:
+            return
+        for embed in embeds:
+            if not 1 <= embed <= self.super_embed_dim:
+                raise ProxyError(f"embed dim {embed} is outside the supernet's range 1..{self.super_embed_dim}")
+        # Index e - 1 of a cumulative sum over the embed axis sums the first e entries.
+        last = torch.tensor(embeds) - 1
+
+        def leading(name: str) -> torch.Tensor:
+            """(n_embeds,) sums over the first e entries of the leading axis."""
+            values = self._values(name)
+            return values.reshape(values.shape[0], -1).sum(1).cumsum(0)[last]
 
         base = leading("patch_embed_super.proj.weight") + leading("patch_embed_super.proj.bias")
         base += leading("norm.weight") + leading("norm.bias")
-        base += float(self._values("head.weight")[:, :embed].sum()) + float(self._values("head.bias").sum())
+        base += self._values("head.weight").sum(0).cumsum(0)[last] + self._values("head.bias").sum()
 
-        constant = np.zeros(self.depth + 1)
-        attention = np.zeros((self.depth, self.super_width + 1))
-        mlp = np.zeros((self.depth, self.super_hidden + 1))
+        constant = torch.zeros(len(embeds), self.depth + 1, dtype=torch.float64)
+        attention = torch.zeros(len(embeds), self.depth, self.super_width + 1, dtype=torch.float64)
+        mlp = torch.zeros(len(embeds), self.depth, self.super_hidden + 1, dtype=torch.float64)
         for layer in range(self.depth):
             prefix = f"blocks.{layer}."
             block_constant = sum(
@@ -280,24 +295,26 @@ class SubnetScorer:
                 for name in ("attn.proj.bias", "attn_layer_norm.weight", "attn_layer_norm.bias",
                              "ffn_layer_norm.weight", "ffn_layer_norm.bias", "fc2.bias")
             )
-            constant[layer + 1] = constant[layer] + block_constant
+            constant[:, layer + 1] = constant[:, layer] + block_constant
 
             # Row 3*j + t of qkv is column j of q (t=0), k (t=1) or v (t=2), so width w uses j < w.
-            qkv_weight = self._values(prefix + "attn.qkv.weight")[:, :embed].sum(1).view(-1, 3).sum(1)
+            qkv_weight = self._values(prefix + "attn.qkv.weight").cumsum(1)[:, last]
+            qkv_weight = qkv_weight.view(-1, 3, len(embeds)).sum(1).T
             qkv_bias = self._values(prefix + "attn.qkv.bias").view(-1, 3).sum(1)
-            proj_weight = self._values(prefix + "attn.proj.weight")[:embed, :].sum(0)
-            attention[layer] = _prefix_sums(qkv_weight + qkv_bias + proj_weight)
+            proj_weight = self._values(prefix + "attn.proj.weight").cumsum(0)[last, :]
+            attention[:, layer] = _prefix_sums(qkv_weight + qkv_bias + proj_weight)
 
-            fc1 = self._values(prefix + "fc1.weight")[:, :embed].sum(1) + self._values(prefix + "fc1.bias")
-            fc2 = self._values(prefix + "fc2.weight")[:embed, :].sum(0)
-            mlp[layer] = _prefix_sums(fc1 + fc2)
-        return _EmbedTables(base, constant, attention, mlp)
+            fc1 = self._values(prefix + "fc1.weight").cumsum(1)[:, last].T + self._values(prefix + "fc1.bias")
+            fc2 = self._values(prefix + "fc2.weight").cumsum(0)[last, :]
+            mlp[:, layer] = _prefix_sums(fc1 + fc2)
+
+        for index, embed in enumerate(embeds):
+            self._tables[embed] = _EmbedTables(float(base[index]), constant[index].numpy(),
+                                               attention[index].numpy(), mlp[index].numpy())
 
     def tables(self, embed: int) -> _EmbedTables:
         if embed not in self._tables:
-            if not 1 <= embed <= self.super_embed_dim:
-                raise ProxyError(f"embed dim {embed} is outside the supernet's range 1..{self.super_embed_dim}")
-            self._tables[embed] = self._build_tables(embed)
+            self._add_tables([embed])
         return self._tables[embed]
 
     def score(self, batch: CandidateBatch) -> np.ndarray:
@@ -377,7 +394,7 @@ def head_block_scores(
         elements = _block_element_scores(method, parameters[name][:, :max_dim], gradients[name][:, :max_dim])
         # Per embed dim, the prefix sums over q/k/v columns j of the rows 3*j + t.
         prefix_by_layer.append({
-            embed: _prefix_sums(elements[:, :embed].sum(1).view(-1, 3).sum(1)) for embed in embed_dims
+            embed: _prefix_sums(elements[:, :embed].sum(1).view(-1, 3).sum(1)).numpy() for embed in embed_dims
         })
 
     for embed in embed_dims:
@@ -419,8 +436,8 @@ def mlp_block_scores(
         fc1, fc2 = f"blocks.{layer}.fc1.weight", f"blocks.{layer}.fc2.weight"
         fc1_elements = _block_element_scores(method, parameters[fc1][:, :max_dim], gradients[fc1][:, :max_dim])
         fc2_elements = _block_element_scores(method, parameters[fc2][:max_dim, :], gradients[fc2][:max_dim, :])
-        fc1_prefix.append({embed: _prefix_sums(fc1_elements[:, :embed].sum(1)) for embed in embed_dims})
-        fc2_prefix.append({embed: _prefix_sums(fc2_elements[:embed, :].sum(0)) for embed in embed_dims})
+        fc1_prefix.append({embed: _prefix_sums(fc1_elements[:, :embed].sum(1)).numpy() for embed in embed_dims})
+        fc2_prefix.append({embed: _prefix_sums(fc2_elements[:embed, :].sum(0)).numpy() for embed in embed_dims})
 
     scores: dict[tuple[int, float], np.ndarray] = {}
     for embed in embed_dims:

@@ -475,6 +475,10 @@ class AdditiveCost:
         layers = self._layer[embed_index[:, None], head_index, ratio_index]
         return self._base[embed_index] + np.where(used, layers, 0.0).sum(axis=1)
 
+    def single(self, candidate: Candidate) -> float:
+        """Return the cost of one candidate."""
+        return float(self(CandidateBatch.from_candidates([candidate]))[0])
+
     def _index(self, values: np.ndarray, allowed: tuple, used, name: str) -> np.ndarray:
         """Return the index of each value among ``allowed`` (0 where not ``used``)."""
         allowed_array = np.asarray(allowed)
