@@ -9,14 +9,15 @@
 # (base). demo searches the demo space at 32x32 with the gradient on the digits training set, on
 # the CPU. Arguments after the space name are passed on to search.py and override these settings.
 #
-# Writes interval_cands/<space>.json, the preferred space experiments/supernet/<space>.yaml,
-# and OUTPUT_DIR/scores.jsonl and OUTPUT_DIR/run.log.
+# Writes OUTPUT_DIR/interval_cands.json (the preferred candidates), OUTPUT_DIR/preferred_space.yaml,
+# OUTPUT_DIR/scores.jsonl (every scored candidate) and OUTPUT_DIR/run.log. The released
+# candidates in interval_cands/ and experiments/supernet/ stay as they are.
 #
 # Environment:
 #   NPROC       processes (default: the number of visible GPUs, or 1 on the CPU)
 #   DEVICE      cuda or cpu (default: cuda when available; cpu for demo)
 #   DATA_PATH   dataset folder, passed as --data-path (the data-free spaces do not read it)
-#   OUTPUT_DIR  folder for the scores and the log (default: output/search_<space>)
+#   OUTPUT_DIR  folder for the outputs (default: output/search_<space>)
 #   PYTHON      Python interpreter (default: python)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -73,7 +74,7 @@ fi
     --block-score-method-for-head balance_taylor6_max_dim \
     --block-score-method-for-mlp balance_taylor6_max_dim \
     --cand-per-interval 1 --device "$DEVICE" \
-    --interval-cands-output "interval_cands/$SPACE.json" \
-    --choices-output "experiments/supernet/$SPACE.yaml" \
+    --interval-cands-output "$OUTPUT_DIR/interval_cands.json" \
+    --choices-output "$OUTPUT_DIR/preferred_space.yaml" \
     --scores-output "$OUTPUT_DIR/scores.jsonl" --output_dir "$OUTPUT_DIR" \
     "${SPACE_ARGS[@]}" "${DATA_ARGS[@]}" "$@"

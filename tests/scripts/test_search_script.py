@@ -259,23 +259,21 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_shell_script_demo(tmp_path):
-    """01_zero_shot_search.sh demo runs the digits gradient end to end; extra arguments override its outputs."""
-    outputs = [
-        "--interval-cands-output", str(tmp_path / "demo.json"),
-        "--choices-output", str(tmp_path / "demo.yaml"),
-        "--grad-batches", "2", "--batch-size", "16",
-    ]
-    result = subprocess.run(["bash", str(REPO_ROOT / "01_zero_shot_search.sh"), "demo", *outputs],
+    """01_zero_shot_search.sh demo runs the digits gradient end to end and writes into OUTPUT_DIR."""
+    output = tmp_path / "out"
+    result = subprocess.run(["bash", str(REPO_ROOT / "01_zero_shot_search.sh"), "demo", "--grad-batches", "2",
+                             "--batch-size", "16"],
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
-                            env=environment(OUTPUT_DIR=str(tmp_path / "out"), PYTHON=sys.executable))
+                            env=environment(OUTPUT_DIR=str(output), PYTHON=sys.executable))
 
     assert result.returncode == 0, result.stderr[-4000:]
     assert "search finished" in result.stderr
-    assert load_interval_candidates(tmp_path / "demo.json", DEMO_SUPERNET)
-    assert isinstance(load_space(tmp_path / "demo.yaml"), PreferredSpace)
-    assert len(read_scores(tmp_path / "out" / "scores.jsonl")) == count_enumerated(DEMO_CHOICES)
-    assert (tmp_path / "out" / "run.log").exists()
-    assert yaml.safe_load((tmp_path / "demo.yaml").read_text())["SUPERNET"]["EMBED_DIM"] == 128
+    assert "mean over 2 batch(es)" in result.stderr
+    assert load_interval_candidates(output / "interval_cands.json", DEMO_SUPERNET)
+    assert isinstance(load_space(output / "preferred_space.yaml"), PreferredSpace)
+    assert len(read_scores(output / "scores.jsonl")) == count_enumerated(DEMO_CHOICES)
+    assert (output / "run.log").exists()
+    assert yaml.safe_load((output / "preferred_space.yaml").read_text())["SUPERNET"]["EMBED_DIM"] == 128
 
 
 def test_shell_script_rejects_unknown_space(tmp_path):
