@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +303,68 @@ def scores_lines(result: SearchResult, grid: IntervalGrid, params: np.ndarray, f
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class Costs:
+    """Vectorised parameter and FLOPs counts, and the intervals of the chosen constraint."""
+
+    params: AdditiveCost
+    flops: AdditiveCost
+    grid: IntervalGrid
+
+    @property
+    def constraint(self) -> AdditiveCost:
+        return self.params if self.grid.unit == "M" else self.flops
+
+
+def build_costs(args: argparse.Namespace, model, choices: Choices) -> Costs:
+    params = AdditiveCost(model.num_params, choices, "parameter count", seed=args.seed)
+    flops = AdditiveCost(model.flops, choices, "FLOPs", seed=args.seed)
+    if args.constraint == "params":
+        grid = IntervalGrid(args.min_param_limits, args.param_limits, args.param_interval, PARAMS_SCALE, "M")
+    else:
+        grid = IntervalGrid(args.min_param_limits, args.param_limits, args.param_interval, FLOPS_SCALE, "G")
+    return Costs(params, flops, grid)
+
+
+def score_space(args: argparse.Namespace, model, choices: Choices, gradients, costs: Costs) -> SearchResult:
+    """Compute the block scores and the score tables, then run the search strategy."""
+    parameters = {name: parameter.detach() for name, parameter in model.named_parameters()}
+    depth = model.super_depth
+    head_scores = head_block_scores(parameters, gradients, args.block_score_method_for_head,
+                                    embed_dims=choices.embed_dim, num_heads=choices.num_heads, depth=depth,
+                                    head_dim=HEAD_DIM)
+    mlp_scores = mlp_block_scores(parameters, gradients, args.block_score_method_for_mlp,
+                                  embed_dims=choices.embed_dim, mlp_ratios=choices.mlp_ratio, depth=depth)
+    if args.score_method == "params":
+        def score(batch):
+            return costs.params(batch) / PARAMS_SCALE
+    else:
+        score = SubnetScorer(parameters, gradients, args.score_method, depth=depth, head_dim=HEAD_DIM,
+                             embed_dims=choices.embed_dim).score
+    return run_search(args, choices, score, costs.constraint, costs.grid, head_scores, mlp_scores)
+
+
+def write_outputs(args: argparse.Namespace, result: SearchResult, costs: Costs) -> list[str]:
+    """Write the requested files and return a description of each."""
+    params = costs.params(result.candidates)
+    mapping = interval_candidates(result, costs.grid, params)
+    for key, candidates in mapping.items():
+        logger.info("interval %s: %s", key, "; ".join(
+            f"{c['num_params']:.3f} M, score {c['score']:.6g}, depth {c['layer_num']}, embed dim {c['embed_dim'][0]}"
+            for c in candidates))
+
+    written = [f"interval candidates to {args.interval_cands_output}"]
+    save_interval_candidates(args.interval_cands_output, mapping)
+    if args.scores_output:
+        flops = costs.flops(result.candidates)
+        _write_atomic(Path(args.scores_output), scores_lines(result, costs.grid, params, flops))
+        written.append(f"{len(result.candidates)} scores to {args.scores_output}")
+    if args.choices_output:
+        write_preferred_space(args.choices_output, derive_preferred_space(mapping), force=True)
+        written.append(f"the preferred space to {args.choices_output}")
+    return written
+
+
 def search(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     check_args(args)
@@ -316,59 +379,25 @@ def search(args: argparse.Namespace) -> None:
     num_classes = resolve_num_classes(args, checkpoint_state, dataset_classes)
     model = build_supernet(args, space, context, checkpoint_state, num_classes)
 
-    params_cost = AdditiveCost(model.num_params, choices, "parameter count", seed=args.seed)
-    flops_cost = AdditiveCost(model.flops, choices, "FLOPs", seed=args.seed)
-    if args.constraint == "params":
-        grid = IntervalGrid(args.min_param_limits, args.param_limits, args.param_interval, PARAMS_SCALE, "M")
-        constraint_cost = params_cost
-    else:
-        grid = IntervalGrid(args.min_param_limits, args.param_limits, args.param_interval, FLOPS_SCALE, "G")
-        constraint_cost = flops_cost
+    costs = build_costs(args, model, choices)
     smallest, largest = choices.smallest_candidate(), choices.largest_candidate()
     logger.info("search space spans %.3f-%.3f M params and %.3f-%.3f G FLOPs; intervals %s",
-                params_cost.single(smallest) / PARAMS_SCALE, params_cost.single(largest) / PARAMS_SCALE,
-                flops_cost.single(smallest) / FLOPS_SCALE, flops_cost.single(largest) / FLOPS_SCALE,
-                ", ".join(grid.describe(index) for index in range(len(grid))))
+                costs.params.single(smallest) / PARAMS_SCALE, costs.params.single(largest) / PARAMS_SCALE,
+                costs.flops.single(smallest) / FLOPS_SCALE, costs.flops.single(largest) / FLOPS_SCALE,
+                ", ".join(costs.grid.describe(index) for index in range(len(costs.grid))))
 
     gradients = proxy_gradient(args, model, largest.to_dict(), context, dataset)
-    parameters = {name: parameter.detach() for name, parameter in model.named_parameters()}
-    depth = space.supernet.depth
-    head_scores = head_block_scores(parameters, gradients, args.block_score_method_for_head,
-                                    embed_dims=choices.embed_dim, num_heads=choices.num_heads, depth=depth,
-                                    head_dim=HEAD_DIM)
-    mlp_scores = mlp_block_scores(parameters, gradients, args.block_score_method_for_mlp,
-                                  embed_dims=choices.embed_dim, mlp_ratios=choices.mlp_ratio, depth=depth)
-    if args.score_method == "params":
-        def score(batch):
-            return params_cost(batch) / PARAMS_SCALE
-    else:
-        score = SubnetScorer(parameters, gradients, args.score_method, depth=depth, head_dim=HEAD_DIM,
-                             embed_dims=choices.embed_dim).score
-
     search_start = time.perf_counter()
-    result = run_search(args, choices, score, constraint_cost, grid, head_scores, mlp_scores)
+    result = score_space(args, model, choices, gradients, costs)
     logger.info("scored %d candidates in %.2f s", len(result.candidates), time.perf_counter() - search_start)
     if not result.selected:
+        grid = costs.grid
         raise SearchError(f"no scored candidate falls into the intervals {grid.describe(0)} to "
                           f"{grid.describe(len(grid) - 1)}; set --min_param_limits and --param_limits within the "
                           f"search space's range logged above")
 
-    params = params_cost(result.candidates)
-    mapping = interval_candidates(result, grid, params)
-    for key, candidates in mapping.items():
-        logger.info("interval %s: %s", key, "; ".join(
-            f"{c['num_params']:.3f} M, score {c['score']:.6g}, depth {c['layer_num']}, embed dim {c['embed_dim'][0]}"
-            for c in candidates))
-
     if context.is_main:
-        written = [f"interval candidates to {args.interval_cands_output}"]
-        save_interval_candidates(args.interval_cands_output, mapping)
-        if args.scores_output:
-            _write_atomic(Path(args.scores_output), scores_lines(result, grid, params, flops_cost(result.candidates)))
-            written.append(f"{len(result.candidates)} scores to {args.scores_output}")
-        if args.choices_output:
-            write_preferred_space(args.choices_output, derive_preferred_space(mapping), force=True)
-            written.append(f"the preferred space to {args.choices_output}")
+        written = write_outputs(args, result, costs)
         logger.info("search finished in %.1f s: wrote %s", time.perf_counter() - start, ", ".join(written))
     distributed.barrier()
 

@@ -362,6 +362,11 @@ def _block_element_scores(method: str, weight: torch.Tensor, gradient: torch.Ten
     return scores / denominator if denominator > 0 else torch.zeros_like(scores)
 
 
+def _table_embeds(method: str, embed_dims: list[int]) -> list[int]:
+    """Return the embed dims whose columns the block scores of ``method`` read."""
+    return [max(embed_dims)] if method.endswith("_max_dim") else embed_dims
+
+
 def head_block_scores(
     parameters: Mapping[str, torch.Tensor],
     gradients: Mapping[str, torch.Tensor] | None,
@@ -387,6 +392,7 @@ def head_block_scores(
     if gradients is None:
         raise ProxyError(f"block score method {method!r} needs the proxy gradient")
 
+    table_embeds = _table_embeds(method, embed_dims)
     scores: dict[tuple[int, float], np.ndarray] = {}
     prefix_by_layer = []
     for layer in range(depth):
@@ -394,7 +400,7 @@ def head_block_scores(
         elements = _block_element_scores(method, parameters[name][:, :max_dim], gradients[name][:, :max_dim])
         # Per embed dim, the prefix sums over q/k/v columns j of the rows 3*j + t.
         prefix_by_layer.append({
-            embed: _prefix_sums(elements[:, :embed].sum(1).view(-1, 3).sum(1)).numpy() for embed in embed_dims
+            embed: _prefix_sums(elements[:, :embed].sum(1).view(-1, 3).sum(1)).numpy() for embed in table_embeds
         })
 
     for embed in embed_dims:
@@ -431,13 +437,14 @@ def mlp_block_scores(
     if gradients is None:
         raise ProxyError(f"block score method {method!r} needs the proxy gradient")
 
+    table_embeds = _table_embeds(method, embed_dims)
     fc1_prefix, fc2_prefix = [], []
     for layer in range(depth):
         fc1, fc2 = f"blocks.{layer}.fc1.weight", f"blocks.{layer}.fc2.weight"
         fc1_elements = _block_element_scores(method, parameters[fc1][:, :max_dim], gradients[fc1][:, :max_dim])
         fc2_elements = _block_element_scores(method, parameters[fc2][:max_dim, :], gradients[fc2][:max_dim, :])
-        fc1_prefix.append({embed: _prefix_sums(fc1_elements[:, :embed].sum(1)).numpy() for embed in embed_dims})
-        fc2_prefix.append({embed: _prefix_sums(fc2_elements[:embed, :].sum(0)).numpy() for embed in embed_dims})
+        fc1_prefix.append({embed: _prefix_sums(fc1_elements[:, :embed].sum(1)).numpy() for embed in table_embeds})
+        fc2_prefix.append({embed: _prefix_sums(fc2_elements[:embed, :].sum(0)).numpy() for embed in table_embeds})
 
     scores: dict[tuple[int, float], np.ndarray] = {}
     for embed in embed_dims:
