@@ -4,9 +4,9 @@
 #
 # Usage: ./01_zero_shot_search.sh [tiny|small|base|demo] [more search.py arguments]
 #
-# tiny, small and base use the reference's settings: a data-free gradient at 224x224 and
-# intervals of 1 M from 5 to 12 M (tiny), 5 M from 13 to 33 M (small), or 12 M from 30 to 70 M
-# (base). demo searches the demo space at 32x32 with the gradient on the digits training set, on
+# tiny, small and base use the reference's settings with a data-free gradient at 224x224. Their
+# intervals are 1 M wide from 5 to 12 M (tiny), 5 M from 13 to 33 M (small) and 12 M from 30 to
+# 70 M (base). demo searches the demo space at 32x32 with the gradient on the digits training set, on
 # the CPU. Arguments after the space name are passed on to search.py and override these settings.
 #
 # Writes OUTPUT_DIR/interval_cands.json (the preferred candidates), OUTPUT_DIR/preferred_space.yaml,

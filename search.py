@@ -1,7 +1,7 @@
 """Zero-shot search of PreNAS: score every subnet of a search space with a zero-cost proxy.
 
-The supernet is built at initialisation (or loaded with ``--resume``), one gradient is taken at
-the largest subnet of the search space, and every candidate is scored with the proxy. The best
+The supernet is built at initialisation, or loaded with ``--resume``. One gradient is taken at the
+largest subnet of the search space, and every candidate is scored with the proxy. The best
 ``--cand-per-interval`` candidates of each parameter-count (or FLOPs) interval are the preferred
 candidates.
 
@@ -13,7 +13,7 @@ Single process, data-free, on CPU::
 
     python search.py --cfg experiments/supernet/supernet-T.yaml --gp --change_qk --relative_position \\
         --data-free --device cpu --min_param_limits 5 --param_limits 12 --param-interval 1.0 \\
-        --interval-cands-output interval_cands/tiny.json
+        --interval-cands-output output/search_tiny/interval_cands.json
 
 Several processes (Gloo on CPU, NCCL on CUDA)::
 
@@ -136,8 +136,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="interval width, in M params or G FLOPs (default 2)")
     group.add_argument("--cand-per-interval", type=_positive_int, default=1,
                        help="candidates kept per interval (default 1)")
-    group.add_argument("--interval-cands-output", default="interval_cands/candidates.json",
-                       help="interval-candidates JSON to write (default interval_cands/candidates.json)")
+    group.add_argument("--interval-cands-output", default="output/search/interval_cands.json",
+                       help="interval-candidates JSON to write (default output/search/interval_cands.json)")
     group.add_argument("--scores-output", default=None,
                        help="JSON lines file with every scored candidate (default: not written)")
     group.add_argument("--choices-output", default=None,

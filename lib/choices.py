@@ -2,8 +2,8 @@
 
 The preferred space keeps, per embed dim, the depths of the candidates with that embed dim and,
 per layer, the num heads and mlp ratios that any of them uses there. Its supernet is the smallest
-that holds them all: max depth, max mlp ratio, max num heads, and an embed dim of 64 x max num
-heads (heads are 64 wide).
+that contains them all: max depth, max mlp ratio, max num heads, and an embed dim of 64 x max num
+heads because heads are 64 wide.
 
 Command line::
 
@@ -57,7 +57,7 @@ def derive_preferred_space(
                 ratios.setdefault(embed, {}).setdefault(layer, set()).add(float(ratio))
                 heads.setdefault(embed, {}).setdefault(layer, set()).add(int(head_count))
     if not depths:
-        raise ConfigError("the interval-candidates file holds no candidates to derive a preferred space from")
+        raise ConfigError("no candidates to derive a preferred space from; the interval-candidates file is empty")
 
     embed_dims = sorted(depths)
     max_heads = max(max(values) for layers in heads.values() for values in layers.values())

@@ -130,7 +130,11 @@ class _Sampler:
         return Candidate(embed_dim, tuple(heads), tuple(mlp))
 
     def accept(self, candidate: Candidate, interval: int) -> bool:
-        """Mark ``candidate`` visited and return whether it is new and falls into ``interval``."""
+        """Return whether ``candidate`` is new and falls into ``interval``, and if so mark it visited.
+
+        Intervals include their lower bound only, as in the iteration strategy. The reference's
+        sampling strategies include both bounds.
+        """
         if candidate in self.visited:
             return False
         cost = float(self.cost_function(CandidateBatch.from_candidates([candidate]))[0])
@@ -142,7 +146,7 @@ class _Sampler:
 
     def collect(self, make: Callable[[], Candidate | None], wanted: int, interval: int,
                 into: list[Candidate], max_tries: int, warn: bool = True) -> None:
-        """Append accepted candidates from ``make`` to ``into`` until it holds ``wanted`` or tries run out."""
+        """Append accepted candidates from ``make`` to ``into`` until it has ``wanted`` or the tries run out."""
         tries = 0
         while len(into) < wanted and tries < max_tries:
             tries += 1
@@ -254,12 +258,12 @@ def evolution_search(
 ) -> SearchResult:
     """Evolve a population in each interval and keep the best candidates found there.
 
-    Per interval: start from ``population_num`` random candidates; each generation scores the new
-    candidates, keeps the best ``select_num`` as parents, and breeds ``mutation_num`` mutants and
-    ``crossover_num`` crossovers, topped up with random candidates to ``population_num``. Every
-    child is reallocated by block scores, and a candidate is scored at most once in the whole
-    search. An interval stops after ``max_epochs`` generations, or after the second generation
-    that adds nothing to the parents (as in the reference).
+    Each interval starts from ``population_num`` random candidates. Each generation scores its new
+    candidates and keeps the best ``select_num`` so far as parents. The next generation consists of
+    ``mutation_num`` mutants and ``crossover_num`` crossovers of the parents, topped up with random
+    candidates to ``population_num``. Every child is reallocated by block scores, and no candidate
+    is scored twice in a search. As in the reference, an interval stops after ``max_epochs``
+    generations or after the second generation that adds nothing to the parents.
     """
     sampler = _Sampler(choices, score, cost, grid, head_scores, mlp_scores, settings, seed)
     selected = {}
@@ -268,7 +272,7 @@ def evolution_search(
         sampler.collect(sampler.random_candidate, settings.population_num, interval, population,
                         max_tries=settings.population_num * settings.max_tries_factor)
         parents: list[Candidate] = []
-        kept: list[Candidate] = []
+        best: list[Candidate] = []
         generations_without_gain = 0
 
         for epoch in range(settings.max_epochs):
@@ -279,10 +283,10 @@ def evolution_search(
             if not set(new_parents) - set(parents):
                 generations_without_gain += 1
             parents = new_parents
-            kept = sampler.best(kept + population, max(candidates_per_interval, 100))
+            best = sampler.best(best + population, candidates_per_interval)
             logger.info("interval %s, generation %d/%d: best score %.6g from %d candidates",
                         grid.describe(interval), epoch + 1, settings.max_epochs,
-                        sampler.scores[kept[0]], len(population))
+                        sampler.scores[best[0]], len(population))
             if epoch + 1 == settings.max_epochs:
                 break
 
@@ -298,5 +302,5 @@ def evolution_search(
             sampler.collect(sampler.random_candidate, settings.population_num, interval, population,
                             max_tries=settings.population_num * settings.max_tries_factor)
 
-        selected[interval] = kept[:candidates_per_interval]
+        selected[interval] = best
     return sampler.result(selected)

@@ -1,15 +1,21 @@
 """The zero-cost proxy of PreNAS: one gradient at the largest subnet, then vectorised subnet scores.
 
 The gradient is taken once, with the largest subnet of the search space active. A subnet's proxy
-score sums an element value of the weights it uses, for example ``|theta * grad|``. Because a
-subnet uses leading slices, each weight's contribution is a prefix sum: this module precomputes,
-per layer and embed dim, cumulative sums over the q/k/v width and the mlp hidden width, so that the
-score of a candidate is a sum of table lookups and a whole search space scores in milliseconds.
+score sums an element value of the weights it uses, for example ``|theta * grad|``. A subnet uses
+leading slices, so each weight contributes a prefix sum. This module precomputes, per layer and
+embed dim, cumulative sums over the q/k/v width and over the mlp hidden width. The score of a
+candidate is then a sum of table lookups, and a whole search space scores in milliseconds.
 
 Which parameters count (the reference's "left_super" rule): the patch conv, the final norm, the
 head (its weight sliced to the embed dim, its bias whole) and, per used block, qkv, proj, both
 layer norms, fc1 and fc2, each sliced as the subnet's forward pass slices it. The cls token, the
 position embedding and the relative-position tables do not count.
+
+NOTE: the reference code differs in two details. It counts only the first embed-dim entries of the
+head bias, and it reports the square root of the ``left_super_taylor9`` sum. The square root keeps
+the ranking. The head bias is zero at initialisation, so it changes no score of a data-free search
+from scratch, but with ``--resume`` the two rules can rank candidates of different embed dims
+slightly differently.
 """
 
 from __future__ import annotations
@@ -68,9 +74,9 @@ def check_block_score_method(method: str) -> None:
 def data_free_batch(batch_size: int, input_size: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Draw this process's share of the data-free batch.
 
-    The whole batch of ``batch_size`` images, channel c drawn from N(mean_c, std_c) with the
-    ImageNet statistics, comes from a generator seeded by ``seed`` alone; each process takes its
-    contiguous slice. So the union over processes is the same batch for any number of processes.
+    The whole batch of ``batch_size`` images comes from a generator seeded by ``seed`` alone, with
+    channel c drawn from N(mean_c, std_c) of the ImageNet statistics. Each process takes a
+    contiguous slice, so the processes together see the same batch for any number of processes.
     """
     if batch_size < world_size:
         raise ProxyError(
@@ -207,7 +213,8 @@ def element_values(method: str, weight: torch.Tensor, gradient: torch.Tensor | N
         return weight * gradient
     if method == "left_super_taylor9":
         return gradient.abs()
-    raise ProxyError(f"score method {method!r} is not a sum of element values; choose one of {SCORE_METHODS[:4]}")
+    summing = ", ".join(SCORE_METHODS[:4])
+    raise ProxyError(f"score method {method!r} is not a sum of element values; choose one of {summing}")
 
 
 def _prefix_sums(values: torch.Tensor) -> torch.Tensor:
@@ -379,9 +386,9 @@ def head_block_scores(
 ) -> BlockScores | None:
     """Return, per (embed dim, heads choice), the per-layer score of raising a layer to that choice.
 
-    Raising from the next smaller choice h to h' scores ``|sum|`` of the block element scores over
-    the q, k and v rows of heads h..h'-1 and the columns up to the embed dim (the largest embed
-    dim of the space for ``*_max_dim``). None for ``deeper_is_better``.
+    Raising a layer from the next smaller choice h to h' scores ``|sum|`` of the block element
+    scores over the q, k and v rows of heads h..h'-1. The columns go up to the embed dim, or up to
+    the largest embed dim of the space for ``*_max_dim``. Returns None for ``deeper_is_better``.
     """
     check_block_score_method(method)
     if method == "deeper_is_better":
@@ -424,9 +431,9 @@ def mlp_block_scores(
 ) -> BlockScores | None:
     """Return, per (embed dim, mlp ratio choice), the per-layer score of raising a layer to that choice.
 
-    Raising from ratio r to r' at embed dim e scores ``|sum|`` of the block element scores over fc1
-    rows ``int(e*r) .. int(e*r')`` plus ``|sum|`` over the same fc2 columns, with e the largest
-    embed dim of the space for ``*_max_dim``. None for ``deeper_is_better``.
+    Raising a layer from ratio r to r' at embed dim e scores ``|sum|`` of the block element scores
+    over fc1 rows ``int(e*r) .. int(e*r')`` plus ``|sum|`` over the same fc2 columns. For
+    ``*_max_dim``, e is the largest embed dim of the space. Returns None for ``deeper_is_better``.
     """
     check_block_score_method(method)
     if method == "deeper_is_better":

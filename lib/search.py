@@ -222,9 +222,9 @@ def reallocate(
             ("deeper_is_better"): the first layers take the smallest choice.
 
     Returns:
-        The choice of each layer. From the largest choice down to the second smallest, each takes
-        its count of the not yet assigned layers with the highest scores, the deeper layer first
-        among equal scores; the remaining layers take the smallest choice.
+        The choice of each layer. From the largest choice down to the second smallest, each choice
+        takes its count of the unassigned layers with the highest scores for it. Among equal
+        scores the deeper layer wins. The remaining layers take the smallest choice.
     """
     depth = sum(counts)
     if layer_scores is None:
@@ -427,11 +427,11 @@ def top_per_interval(interval_index: np.ndarray, scores: np.ndarray, count: int)
 class AdditiveCost:
     """Vectorised cost (parameter count or complexity count) of candidates, built from a per-candidate function.
 
-    The parameter and complexity counts of the supernet are a sum of a part that depends only on
-    the embed dim and one term per used layer that depends on the embed dim, num heads and mlp
+    The parameter and complexity counts of the supernet add a part that depends only on the embed
+    dim to one term per used layer. Each layer term depends on the embed dim, num heads and mlp
     ratio of that layer. This class reads those parts off ``cost_function`` with candidates of one
-    and two layers, then checks the sum against ``cost_function`` on ``num_checks`` random
-    candidates and on the largest and smallest ones.
+    and two layers. It then checks the sum against ``cost_function`` on the largest and smallest
+    candidates and on ``num_checks`` random ones.
 
     Args:
         cost_function: cost of one candidate dict, e.g. ``Supernet.num_params``.
@@ -541,9 +541,9 @@ CostFunction = Callable[[CandidateBatch], np.ndarray]
 class _Progress:
     """Rate-limited progress log with an ETA."""
 
-    def __init__(self, total: int, what: str, min_seconds: float = 5.0) -> None:
+    def __init__(self, total: int, label: str, min_seconds: float = 5.0) -> None:
         self.total = total
-        self.what = what
+        self.label = label
         self.min_seconds = min_seconds
         self.start = time.perf_counter()
         self.last_log = -math.inf
@@ -555,7 +555,7 @@ class _Progress:
         self.last_log = now
         elapsed = now - self.start
         remaining = elapsed / done * (self.total - done) if done else math.nan
-        logger.info("%s %d/%d%s, %.1f s elapsed, ETA %.1f s", self.what, done, self.total, detail, elapsed, remaining)
+        logger.info("%s %d/%d%s, %.1f s elapsed, ETA %.1f s", self.label, done, self.total, detail, elapsed, remaining)
 
 
 def iteration_search(

@@ -193,7 +193,7 @@ def test_needs_gradient():
 # Gradient
 
 
-def test_data_free_batch_split_is_independent_of_process_count():
+def test_data_free_batch_split_across_ranks():
     whole = data_free_batch(10, 16, seed=3)
     for world_size in (2, 3):
         parts = [data_free_batch(10, 16, seed=3, rank=rank, world_size=world_size) for rank in range(world_size)]
@@ -227,7 +227,7 @@ def test_data_free_gradient_sums_rank_shares():
     assert whole["blocks.0.fc1.weight"].abs().sum() > 0
 
 
-def test_data_free_gradient_is_repeatable_with_dropout_and_drop_path():
+def test_gradient_ignores_dropout():
     model = make_supernet(drop_rate=0.3, drop_path_rate=0.5)
     model.train()
     largest = model.largest_candidate()

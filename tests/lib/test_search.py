@@ -166,7 +166,8 @@ def test_candidate_batch_round_trip():
     candidates = [Candidate(96, (1, 2, 2), (3.0, 4.0, 3.5)), Candidate(128, (2,) * 4, (4.0,) * 4)]
     batch = CandidateBatch.from_candidates(candidates)
     assert [batch.candidate(i) for i in range(2)] == candidates
-    assert batch.num_heads[0, 3] == 0 and batch.mlp_ratio[0, 3] == 0
+    assert batch.num_heads[0, 3] == 0
+    assert batch.mlp_ratio[0, 3] == 0
     assert Candidate.from_dict(candidates[0].to_dict()) == candidates[0]
     assert list(candidates[0].to_dict()) == ["layer_num", "mlp_ratio", "num_heads", "embed_dim"]
 

@@ -182,7 +182,7 @@ def test_resume_rejects_conflicting_class_count(tmp_path, caplog):
                         "--interval-cands-output", str(tmp_path / "out.json")])
     assert code == 2
     assert "class counts disagree" in caplog.text
-    assert "checkpoint" in caplog.text and ": 10" in caplog.text
+    assert "supernet.pth: 10" in caplog.text
 
 
 def test_resume_reports_mismatched_checkpoint(tmp_path, caplog):
