@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,8 +327,26 @@ def build_costs(args: argparse.Namespace, model, choices: Choices) -> Costs:
     return Costs(params, flops, grid)
 
 
+@contextmanager
+def _one_thread():
+    """Run torch CPU ops on one thread inside the block, restoring the thread count after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def score_space(args: argparse.Namespace, model, choices: Choices, gradients, costs: Costs) -> SearchResult:
     """Compute the block scores and the score tables, then run the search strategy."""
+    # The table building is a few hundred small memory-bound ops. On a busy CPU, OpenMP's
+    # synchronisation made them up to 50x slower with two threads than with one.
+    with _one_thread():
+        return _score_space(args, model, choices, gradients, costs)
+
+
+def _score_space(args: argparse.Namespace, model, choices: Choices, gradients, costs: Costs) -> SearchResult:
     parameters = {name: parameter.detach() for name, parameter in model.named_parameters()}
     depth = model.super_depth
     head_scores = head_block_scores(parameters, gradients, args.block_score_method_for_head,

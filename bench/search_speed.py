@@ -9,6 +9,10 @@ rounds; the gradient is timed once.
 
     python bench/search_speed.py            # a summary
     python bench/search_speed.py --json     # one JSON object per stage and line
+
+``--naive N`` also times the straightforward method on the first N candidates: slice every weight
+and gradient tensor of each candidate and sum ``|theta * grad|``, one candidate at a time, as the
+reference code does.
 """
 
 from __future__ import annotations
@@ -39,12 +43,43 @@ TINY_ARGS = [
 ]
 
 
+def naive_score(parameters: dict, gradients: dict, candidate: dict) -> float:
+    """Sum ``|theta * grad|`` over explicitly sliced copies of the tensors one candidate uses."""
+    embed = candidate["embed_dim"][0]
+    names_and_slices = [
+        ("patch_embed_super.proj.weight", lambda t: t[:embed]),
+        ("patch_embed_super.proj.bias", lambda t: t[:embed]),
+        ("norm.weight", lambda t: t[:embed]),
+        ("norm.bias", lambda t: t[:embed]),
+        ("head.weight", lambda t: t[:, :embed]),
+        ("head.bias", lambda t: t),
+    ]
+    for layer in range(candidate["layer_num"]):
+        width = 64 * candidate["num_heads"][layer]
+        hidden = int(embed * candidate["mlp_ratio"][layer])
+        prefix = f"blocks.{layer}."
+        names_and_slices += [
+            (prefix + "attn.qkv.weight", lambda t, w=width: torch.cat([t[i:3 * w:3, :embed] for i in range(3)])),
+            (prefix + "attn.qkv.bias", lambda t, w=width: torch.cat([t[i:3 * w:3] for i in range(3)])),
+            (prefix + "attn.proj.weight", lambda t, w=width: t[:embed, :w]),
+            (prefix + "fc1.weight", lambda t, h=hidden: t[:h, :embed]),
+            (prefix + "fc1.bias", lambda t, h=hidden: t[:h]),
+            (prefix + "fc2.weight", lambda t, h=hidden: t[:embed, :h]),
+        ]
+        names_and_slices += [(prefix + name, lambda t: t[:embed]) for name in (
+            "attn.proj.bias", "attn_layer_norm.weight", "attn_layer_norm.bias", "ffn_layer_norm.weight",
+            "ffn_layer_norm.bias", "fc2.bias")]
+    return float(sum((cut(parameters[name]) * cut(gradients[name])).abs().sum() for name, cut in names_and_slices))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed scoring rounds; the best counts (default 5)")
     parser.add_argument("--device", default="cpu", help="torch device of the gradient step (default cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    parser.add_argument("--naive", type=int, default=0, metavar="N",
+                        help="also time one-at-a-time slicing on the first N candidates (default 0: skip)")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -73,14 +108,28 @@ def main() -> None:
     candidates = len(result.candidates)
     if candidates != count_enumerated(choices):
         raise RuntimeError(f"scored {candidates} candidates but the Tiny space has {count_enumerated(choices)}")
+    stages = [("gradient", gradient_seconds, candidates), ("scoring", scoring_seconds, candidates)]
+
+    if options.naive:
+        parameters = {name: parameter.detach() for name, parameter in model.named_parameters()}
+        count = min(options.naive, candidates)
+        start = time.perf_counter()
+        naive = [naive_score(parameters, gradients, result.candidates.candidate(row).to_dict()) for row in range(count)]
+        stages.append(("naive_scoring", time.perf_counter() - start, count))
+        worst = max(abs(a - b) / abs(b) for a, b in zip(result.scores[:count], naive))
+        if worst > 1e-4:
+            raise RuntimeError(f"vectorised and naive scores differ by up to {worst:.2e} (relative)")
+
     if options.json:
-        print(json.dumps({"stage": "gradient", "seconds": round(gradient_seconds, 4), "candidates": candidates}))
-        print(json.dumps({"stage": "scoring", "seconds": round(scoring_seconds, 4), "candidates": candidates}))
-    else:
-        print(f"gradient: {gradient_seconds:.2f} s ({args.batch_size} images of {args.input_size}x{args.input_size} "
-              f"at the largest Tiny subnet, {torch.get_num_threads()} threads, {options.device})")
-        print(f"scoring:  {scoring_seconds:.3f} s for {candidates} candidates "
-              f"({candidates / scoring_seconds:,.0f} candidates/s, best of {options.repeats})")
+        for stage, seconds, count in stages:
+            print(json.dumps({"stage": stage, "seconds": round(seconds, 4), "candidates": count}))
+        return
+    print(f"gradient: {gradient_seconds:.2f} s ({args.batch_size} images of {args.input_size}x{args.input_size} "
+          f"at the largest Tiny subnet, {torch.get_num_threads()} threads, {options.device})")
+    print(f"scoring:  {scoring_seconds:.3f} s for {candidates} candidates "
+          f"({candidates / scoring_seconds:,.0f} candidates/s, best of {options.repeats})")
+    for stage, seconds, count in stages[2:]:
+        print(f"naive:    {seconds:.3f} s for {count} candidates ({seconds / count * 1000:.2f} ms each)")
 
 
 if __name__ == "__main__":
