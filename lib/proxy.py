@@ -6,16 +6,16 @@ leading slices, so each weight contributes a prefix sum. This module precomputes
 embed dim, cumulative sums over the q/k/v width and over the mlp hidden width. The score of a
 candidate is then a sum of table lookups, and a whole search space scores in milliseconds.
 
-Which parameters count (the reference's "left_super" rule): the patch conv, the final norm, the
-head (its weight sliced to the embed dim, its bias whole) and, per used block, qkv, proj, both
-layer norms, fc1 and fc2, each sliced as the subnet's forward pass slices it. The cls token, the
-position embedding and the relative-position tables do not count.
+The reference's "left_super" rule sets which parameters count. They are the patch conv, the final
+norm and the head (its weight sliced to the embed dim, its bias whole). Per used block they are
+qkv, proj, both layer norms, fc1 and fc2, each sliced as the subnet's forward pass slices it. The
+cls token, the position embedding and the relative-position tables do not count.
 
 NOTE: the reference code differs in two details. It counts only the first embed-dim entries of the
 head bias, and it reports the square root of the ``left_super_taylor9`` sum. The square root keeps
-the ranking. The head bias is zero at initialisation, so it changes no score of a data-free search
-from scratch, but with ``--resume`` the two rules can rank candidates of different embed dims
-slightly differently.
+the ranking. At initialisation the head bias is zero, so its slice changes no ``taylor6``,
+``taylor5`` or ``l1norm`` score. It does change ``taylor9`` scores, and any score with
+``--resume``, by an amount that depends on the embed dim.
 """
 
 from __future__ import annotations
