@@ -338,7 +338,9 @@ class SubnetScorer:
 
         scores = np.empty(len(batch), dtype=np.float64)
         layer_index = np.arange(layers)[None, :]
-        for embed in np.unique(batch.embed_dim):
+        embeds = [int(embed) for embed in np.unique(batch.embed_dim)]
+        self._add_tables([embed for embed in embeds if embed not in self._tables])
+        for embed in embeds:
             rows = np.flatnonzero(batch.embed_dim == embed)
             tables = self.tables(int(embed))
             # Layers beyond a candidate's depth have 0 heads and ratio 0, which index the leading 0.

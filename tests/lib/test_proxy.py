@@ -78,8 +78,8 @@ def sliced_parameters(state: dict, candidate: Candidate) -> list[torch.Tensor]:
 
 
 def brute_force_score(method: str, parameters: dict, gradients: dict, candidate: Candidate) -> float:
-    weights = sliced_parameters({k: v.double() for k, v in parameters.items()}, candidate)
-    grads = sliced_parameters({k: v.double() for k, v in gradients.items()}, candidate)
+    weights = [tensor.double() for tensor in sliced_parameters(parameters, candidate)]
+    grads = [tensor.double() for tensor in sliced_parameters(gradients, candidate)]
     if method == "left_super_taylor6":
         return float(sum((w * g).abs().sum() for w, g in zip(weights, grads)))
     if method == "left_super_taylor5":
