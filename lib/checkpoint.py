@@ -13,12 +13,14 @@ import logging
 import math
 import os
 import pickle
+import random
 import re
 import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -395,3 +397,44 @@ def _diagnose_mlp_ratio(
                     f"{_format_number(checkpoint_rows / embed_dim)}"
                 )
     return None
+
+
+def capture_rng_state() -> dict:
+    """Return the torch, CUDA, numpy and Python random states as tensors and plain data.
+
+    Plain data keeps the checkpoint loadable with ``weights_only=True``, which rejects the
+    numpy arrays that ``numpy.random.get_state`` returns.
+    """
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "algorithm": numpy_state[0],
+            "keys": torch.from_numpy(numpy_state[1].astype("int64")),
+            "position": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+        "python": {"version": python_state[0], "state": list(python_state[1]), "gauss_next": python_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping) -> None:
+    """Restore the random states written by :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["algorithm"],
+        numpy_state["keys"].numpy().astype("uint32"),
+        numpy_state["position"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

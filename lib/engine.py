@@ -295,3 +295,25 @@ def evaluate(
         "loss": totals[2].item() / count,
         "count": count,
     }
+
+
+def resolve_amp_dtype(device: torch.device, amp: bool, amp_dtype: str = "auto") -> torch.dtype | None:
+    """Return the autocast dtype for training on ``device``, or None for float32.
+
+    On CUDA with ``amp``: bfloat16 where the GPU supports it, else float16 (``auto``), or the
+    dtype named. On CPU autocast is used only when bfloat16 is named explicitly, because CPU
+    autocast is often slower than float32.
+    """
+    if amp_dtype not in ("auto", "bfloat16", "float16"):
+        raise ValueError(f"unknown AMP dtype {amp_dtype!r}; use auto, bfloat16 or float16")
+    if not amp:
+        return None
+    if device.type == "cuda":
+        if amp_dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return getattr(torch, amp_dtype)
+    if amp_dtype == "bfloat16":
+        return torch.bfloat16
+    if amp_dtype == "float16":
+        raise ValueError("float16 autocast is not supported for CPU training; use --amp-dtype bfloat16 or --no-amp")
+    return None

@@ -6,8 +6,11 @@ Other ranks log warnings and errors only, prefixed with their rank.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -53,3 +56,62 @@ def setup_logging(rank: int = 0, output_dir: str | Path | None = None) -> None:
     for handler in _installed_handlers:
         root.addHandler(handler)
     root.setLevel(level)
+
+
+class MetricsWriter:
+    """Per-epoch metrics as JSON lines in ``log.txt`` and as TensorBoard scalars under ``tb/``.
+
+    Only the process with ``enabled`` writes; the others ignore every call. Keys with a ``/``
+    are TensorBoard tags (``val/largest/acc1``), and the JSON line uses them with ``_`` in
+    place of ``/`` (``val_largest_acc1``).
+
+    Args:
+        output_dir: the run folder.
+        enabled: True on rank 0.
+        tensorboard: also write TensorBoard event files.
+    """
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.log_path = Path(output_dir) / "log.txt"
+        self._tensorboard = None
+        if not enabled:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
+
+    def write(self, epoch: int, scalars: Mapping[str, float], extra: Mapping | None = None) -> None:
+        """Append one JSON line for ``epoch`` and log the numeric ``scalars`` at step ``epoch``.
+
+        Args:
+            epoch: zero-based epoch.
+            scalars: tag -> number.
+            extra: more JSON fields that are not TensorBoard scalars (for example configs).
+        """
+        if not self.enabled:
+            return
+        record = {"epoch": epoch}
+        record.update({tag.replace("/", "_"): _json_number(value) for tag, value in scalars.items()})
+        if extra:
+            record.update(extra)
+        with self.log_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+        if self._tensorboard is not None:
+            for tag, value in scalars.items():
+                self._tensorboard.add_scalar(tag, value, epoch)
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _json_number(value: float) -> float | int | None:
+    """Return ``value``, with NaN and infinities as None because JSON has no literal for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

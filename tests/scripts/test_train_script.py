@@ -1,0 +1,290 @@
+"""End-to-end tests of train.py on a small subset of the digits dataset, on CPU."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.checkpoint import CheckpointError, load_checkpoint_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO_ROOT / "experiments" / "supernet" / "supernet-demo.yaml"
+
+# Three candidates of the demo space (supernet embed 128, depth 4, 2 heads, mlp ratio 4).
+CANDIDATES = {
+    "0.4": [{"layer_num": 3, "embed_dim": [96] * 3, "mlp_ratio": [3.0, 3.0, 3.5], "num_heads": [1, 1, 2]}],
+    "0.6": [{"layer_num": 4, "embed_dim": [112] * 4, "mlp_ratio": [3.5, 4.0, 3.5, 4.0], "num_heads": [2, 1, 2, 2]}],
+    "0.9": [{"layer_num": 4, "embed_dim": [128] * 4, "mlp_ratio": [4.0] * 4, "num_heads": [2] * 4}],
+}
+
+COMMON_ARGS = [
+    "--cfg", str(DEMO_CONFIG), "--input-size", "32", "--patch_size", "4", "--gp", "--change_qkv",
+    "--relative_position", "--device", "cpu", "--num_workers", "0", "--aa", "none", "--print-freq", "2",
+    "--no-tensorboard",
+]
+
+
+def environment():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def write_candidates(folder, mapping=CANDIDATES):
+    path = Path(folder) / "candidates.json"
+    path.write_text(json.dumps(mapping))
+    return path
+
+
+def run_train(arguments, *, check=True):
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *COMMON_ARGS, *map(str, arguments)]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(), cwd=REPO_ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed with {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (Path(folder) / "log.txt").read_text().splitlines()]
+
+
+# Runs train.py under torchrun and saves each rank's final weights and the subnets it trained.
+RANK_SPY = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import train
+
+    models = []
+    create = train.create_supernet
+
+    def create_and_watch(*args, **kwargs):
+        model = create(*args, **kwargs)
+        trained = []
+        model.register_forward_pre_hook(lambda module, inputs: trained.append(module.subnet) if module.training else None)
+        models.append((model, trained))
+        return model
+
+    train.create_supernet = create_and_watch
+    args = train.get_args_parser().parse_args(sys.argv[1:])
+    code = train.main(args)
+    rank = os.environ["RANK"]
+    model, trained = models[0]
+    torch.save(model.state_dict(), os.path.join(args.output_dir, f"weights-rank{rank}.pt"))
+    with open(os.path.join(args.output_dir, f"subnets-rank{rank}.json"), "w") as handle:
+        json.dump(trained, handle)
+    sys.exit(code)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_same_weights(tmp_path):
+    spy = tmp_path / "spy.py"
+    spy.write_text(RANK_SPY)
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(spy),
+        *COMMON_ARGS, "--candfile", str(write_candidates(tmp_path)), "--group-by-dim", "--epochs", "1",
+        "--batch-size", "16", "--subset-per-class", "20", "--output_dir", str(output),
+    ]
+
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(), cwd=REPO_ROOT, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoint = load_checkpoint_file(output / "checkpoint.pth")
+    assert checkpoint["epoch"] == 0
+    assert len(checkpoint["rng_states"]) == 2
+    rank0 = torch.load(output / "weights-rank0.pt", weights_only=True)
+    rank1 = torch.load(output / "weights-rank1.pt", weights_only=True)
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+        assert torch.equal(value, checkpoint["model"][key]), key
+    subnets0 = json.loads((output / "subnets-rank0.json").read_text())
+    subnets1 = json.loads((output / "subnets-rank1.json").read_text())
+    # 200 images, 100 per process with repeated augmentation, batches of 16: 6 steps.
+    assert len(subnets0) == 6
+    assert subnets0 == subnets1
+    allowed = [members[0] for members in CANDIDATES.values()]
+    for subnet in subnets0:
+        assert {key: subnet[key] for key in allowed[0]} in allowed
+    log = read_log(output)
+    assert [entry["epoch"] for entry in log] == [0]
+    assert {"val_smallest_acc1", "val_smallest_acc5", "val_largest_acc1", "val_largest_acc5"} <= set(log[0])
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path):
+    candidates = write_candidates(tmp_path)
+    arguments = [
+        "--candfile", candidates, "--epochs", "3", "--batch-size", "16", "--subset-per-class", "8",
+        "--deterministic", "--drop-path", "0.1", "--sandwich", "1", "--sched-on-updates", "--warmup-epochs", "1",
+        "--lr", "4e-3", "--save-freq", "1",
+    ]
+    uninterrupted = tmp_path / "uninterrupted"
+    resumed = tmp_path / "resumed"
+
+    run_train([*arguments, "--output_dir", uninterrupted])
+    run_train([*arguments, "--output_dir", resumed, "--resume", uninterrupted / "checkpoint-1.pth"])
+
+    expected = load_checkpoint_file(uninterrupted / "checkpoint.pth")
+    actual = load_checkpoint_file(resumed / "checkpoint.pth")
+    assert expected["epoch"] == actual["epoch"] == 2
+    for key, value in expected["model"].items():
+        assert torch.equal(value, actual["model"][key]), key
+    for key, value in expected["optimizer"]["state"].items():
+        assert torch.equal(value["exp_avg"], actual["optimizer"]["state"][key]["exp_avg"])
+    assert expected["lr_scheduler"] == actual["lr_scheduler"]
+    first_epoch = load_checkpoint_file(uninterrupted / "checkpoint-1.pth")["model"]
+    assert any(not torch.equal(first_epoch[key], value) for key, value in expected["model"].items())
+    expected_log = [(entry["epoch"], entry["train_loss"], entry["val_largest_loss"]) for entry in read_log(uninterrupted)]
+    actual_log = [(entry["epoch"], entry["train_loss"], entry["val_largest_loss"]) for entry in read_log(resumed)]
+    assert actual_log == expected_log[1:]
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_reported(tmp_path):
+    output = tmp_path / "run"
+    run_train([
+        "--candfile", write_candidates(tmp_path), "--epochs", "1", "--batch-size", "16",
+        "--subset-per-class", "4", "--save-freq", "1", "--output_dir", output, "--mixup", "0", "--cutmix", "0",
+    ])
+    latest = output / "checkpoint.pth"
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 3])
+
+    result = run_train(
+        ["--candfile", write_candidates(tmp_path), "--epochs", "2", "--batch-size", "16", "--subset-per-class", "4",
+         "--output_dir", output, "--auto-resume"],
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert f"checkpoint {latest} is corrupt or truncated" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(CheckpointError):
+        load_checkpoint_file(latest)
+    assert load_checkpoint_file(output / "checkpoint-1.pth")["epoch"] == 0
+
+
+def test_candidate_not_fitting_rejected(tmp_path):
+    oversized = dict(CANDIDATES)
+    oversized["0.6"] = [
+        CANDIDATES["0.6"][0],
+        {"layer_num": 4, "embed_dim": [192] * 4, "mlp_ratio": [4.0] * 4, "num_heads": [2] * 4},
+    ]
+    output = tmp_path / "run"
+
+    result = run_train(
+        ["--candfile", write_candidates(tmp_path, oversized), "--epochs", "1", "--output_dir", output],
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "interval '0.6', candidate 1" in result.stderr
+    assert "192" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (output / "log.txt").exists()
+    assert not (output / "checkpoint.pth").exists()
+
+
+def test_candidate_too_deep_rejected(tmp_path):
+    deep = {"0.9": [{"layer_num": 5, "embed_dim": [128] * 5, "mlp_ratio": [4.0] * 5, "num_heads": [2] * 5}]}
+
+    result = run_train(
+        ["--candfile", write_candidates(tmp_path, deep), "--epochs", "1", "--output_dir", tmp_path / "run"],
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "interval '0.9', candidate 0" in result.stderr
+    assert "layer_num" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--batch-size", "15"], "--batch-size must be even"),
+        (["--sandwich", "-1"], "--sandwich must be 0"),
+        (["--mode", "retrain"], "RETRAIN"),
+        (["--mode", "retrain", "--subnet", "{not json"], "--subnet is not valid JSON"),
+        (["--group-by-dim"], "need --candfile"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--amp-dtype", "float16"], "float16 autocast is not supported for CPU"),
+        (["--resume", "missing.pth"], "missing.pth not found"),
+    ],
+)
+def test_invalid_arguments_rejected(tmp_path, caplog, arguments, message):
+    import train
+
+    parsed = train.get_args_parser().parse_args(
+        [*COMMON_ARGS, "--subset-per-class", "2", "--output_dir", str(tmp_path / "run"), "--epochs", "1", *arguments]
+    )
+
+    code = train.main(parsed)
+
+    assert code == 2
+    assert message in caplog.text
+
+
+@pytest.mark.slow
+def test_retrain_and_uniform_modes(tmp_path):
+    subnet = CANDIDATES["0.6"][0]
+    retrain = tmp_path / "retrain"
+    uniform = tmp_path / "uniform"
+
+    run_train([
+        "--mode", "retrain", "--subnet", json.dumps(subnet), "--epochs", "1", "--batch-size", "16",
+        "--subset-per-class", "4", "--output_dir", retrain, "--model-ema",
+    ])
+    run_train([
+        "--epochs", "1", "--batch-size", "16", "--subset-per-class", "4", "--output_dir", uniform,
+        "--sandwich", "1", "--no-sandwich-top",
+    ])
+
+    retrain_log = read_log(retrain)
+    assert "val_subnet_acc1" in retrain_log[0]
+    assert load_checkpoint_file(retrain / "checkpoint.pth")["model_ema"] is not None
+    uniform_log = read_log(uniform)
+    # The smallest and the largest subnet of the demo space.
+    assert uniform_log[0]["val_smallest_params"] < uniform_log[0]["val_largest_params"]
+    config = (uniform / "config.yaml").read_text()
+    assert "sandwich: 1" in config
+    assert "scaled_lr" in config
+
+
+def test_demo_script_dry_run(tmp_path):
+    env = environment()
+    env.update(DRY_RUN="1", NPROC="2", MASTER_PORT="29777")
+
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "02_one_shot_training.sh"), "tiny", "--epochs", "7"],
+        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    command = result.stdout
+    for expected in (
+        "--nproc_per_node 2", "--master_port 29777", "--epochs 500", "--warmup-epochs 20", "--batch-size 128",
+        "--min-lr 1e-7", "--group-by-dim", "--group-by-depth", "--mixup-mode elem",
+        "--aa rand-n3-m10-mstd0.5-inc1", "--recount 2", "--gp", "--change_qk", "--relative_position",
+        "--mode super", "experiments/supernet/tiny.yaml", "interval_cands/tiny.json", "--epochs 7",
+    ):
+        assert expected in command
+
+
+def test_demo_script_unknown_space():
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "02_one_shot_training.sh"), "huge"],
+        capture_output=True, text=True, env=environment(), cwd=REPO_ROOT, timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "tiny, small, base or demo" in result.stderr
