@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import logging
 import pickle
+import random
 
 import numpy as np
 import pytest
@@ -487,3 +488,15 @@ def test_cifar_rejects_subset(tmp_path):
     with pytest.raises(DataError, match="--subset-per-class works with the folder datasets"):
         build_dataset(True, parse_args("--data-set", "CIFAR100", "--data-path", str(tmp_path),
                                        "--subset-per-class", "5"))
+
+
+def test_recipe_randaugment_never_crashes():
+    # The training recipe's policy at magnitude 10 asks for posterize with 0 bits; some Pillow
+    # releases reject that, so every operation of the policy is applied many times here.
+    args = parse_args("--input-size", "32", "--aa", "rand-n3-m10-mstd0.5-inc1", "--reprob", "0")
+    transform = build_transform(True, args)
+    torch.manual_seed(0)
+    random.seed(0)
+    for seed in range(300):
+        output = transform(random_image(seed=seed))
+        assert output.shape == (3, 32, 32)
