@@ -235,3 +235,22 @@ def test_finetune_same_size_is_identity():
     assert dropped == []
     for key, value in source.state_dict().items():
         assert torch.equal(adapted[key], value)
+
+
+def test_rng_state_roundtrip(tmp_path):
+    import random
+
+    import numpy as np
+
+    from lib.checkpoint import capture_rng_state, restore_rng_state
+
+    state = capture_rng_state()
+    expected = (torch.rand(4), np.random.rand(4), random.random())
+    save_checkpoint({"rng": state}, tmp_path / "rng.pth")
+
+    restore_rng_state(load_checkpoint_file(tmp_path / "rng.pth")["rng"])
+    actual = (torch.rand(4), np.random.rand(4), random.random())
+
+    assert torch.equal(expected[0], actual[0])
+    assert np.array_equal(expected[1], actual[1])
+    assert expected[2] == actual[2]
