@@ -5,8 +5,8 @@
 # Usage: ./03_evaluation.sh [tiny|small|base|demo] [more evaluate.py arguments]
 #
 # tiny, small and base evaluate the candidates of interval_cands/<space>.json (the released
-# ones) with a released checkpoint (checkpoints/supernet-<space>.pth) or a trained one (CKPT)
-# on ImageNet at 224x224. demo evaluates the demo supernet that ./02_one_shot_training.sh demo
+# ones) on ImageNet at 224x224, with the released checkpoint checkpoints/supernet-<space>.pth if
+# it exists, else with output/<space>/checkpoint.pth of ./02_one_shot_training.sh <space>. demo evaluates the demo supernet that ./02_one_shot_training.sh demo
 # trained, on the digits validation set at 32x32 on the CPU, exports every candidate as a
 # standalone subnet and correlates the search's proxy scores with the measured accuracy.
 # Arguments after the space name are passed on to evaluate.py and override these settings.
@@ -15,8 +15,8 @@
 # also OUTPUT_DIR/proxy_correlation.json and OUTPUT_DIR/subnets/.
 #
 # Environment:
-#   CKPT        supernet checkpoint (default: checkpoints/supernet-<space>.pth;
-#               demo: output/demo/train/checkpoint.pth)
+#   CKPT        supernet checkpoint (default: checkpoints/supernet-<space>.pth, else
+#               output/<space>/checkpoint.pth; demo: output/demo/train/checkpoint.pth)
 #   NPROC       processes (default: the number of visible GPUs, or 1 on the CPU)
 #   DEVICE      cuda or cpu (default: cuda when available; cpu for demo)
 #   DATA_PATH   ImageNet folder with train/ and val/ (default: ../datas/imagenet); for demo the
@@ -40,7 +40,12 @@ fi
 RELEASE_URL="https://idstcv.oss-cn-zhangjiakou.aliyuncs.com/PreNAS"
 case "$SPACE" in
     tiny|small|base)
-        CKPT="${CKPT:-checkpoints/supernet-$SPACE.pth}"
+        if [ -z "${CKPT:-}" ]; then
+            CKPT="checkpoints/supernet-$SPACE.pth"
+            if [ ! -f "$CKPT" ] && [ -f "output/$SPACE/checkpoint.pth" ]; then
+                CKPT="output/$SPACE/checkpoint.pth"
+            fi
+        fi
         CFG="${CFG:-experiments/supernet/$SPACE.yaml}"
         CANDFILE="${CANDFILE:-interval_cands/$SPACE.json}"
         SPACE_ARGS=(--data-set IMNET --data-path "${DATA_PATH:-../datas/imagenet}" --input-size 224
@@ -72,7 +77,7 @@ if [ ! -f "$CKPT" ]; then
         echo "Train the demo supernet first with ./02_one_shot_training.sh demo, or set CKPT." >&2
     else
         echo "Download the released supernet from $RELEASE_URL/supernet-$SPACE.pth into checkpoints/," >&2
-        echo "or set CKPT to a checkpoint.pth written by ./02_one_shot_training.sh $SPACE." >&2
+        echo "or train one with ./02_one_shot_training.sh $SPACE (output/$SPACE/checkpoint.pth), or set CKPT." >&2
     fi
     exit 1
 fi
