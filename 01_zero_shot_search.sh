@@ -17,7 +17,7 @@
 #   NPROC       processes (default: the number of visible GPUs, or 1 on the CPU)
 #   DEVICE      cuda or cpu (default: cuda when available; cpu for demo)
 #   DATA_PATH   dataset folder, passed as --data-path (the data-free spaces do not read it)
-#   OUTPUT_DIR  folder for the outputs (default: output/search_<space>)
+#   OUTPUT_DIR  folder for the outputs (default: output/search_<space>; demo: output/demo)
 #   PYTHON      Python interpreter (default: python)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -61,7 +61,12 @@ if [ -z "${NPROC:-}" ]; then
         NPROC=$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')
     fi
 fi
-OUTPUT_DIR="${OUTPUT_DIR:-output/search_$SPACE}"
+if [ "$SPACE" = demo ]; then
+    # Where 02_one_shot_training.sh demo and 03_evaluation.sh demo look for the candidates.
+    OUTPUT_DIR="${OUTPUT_DIR:-output/demo}"
+else
+    OUTPUT_DIR="${OUTPUT_DIR:-output/search_$SPACE}"
+fi
 DATA_ARGS=()
 if [ -n "${DATA_PATH:-}" ]; then
     DATA_ARGS=(--data-path "$DATA_PATH")
