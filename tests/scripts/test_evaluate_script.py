@@ -37,6 +37,15 @@ VALIDATION_IMAGES = 23  # odd, so that two processes get shards of different siz
 NUM_CLASSES = 10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run these small models on one thread, which is faster than two when other jobs share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def fixture_flags(*extra: str) -> list[str]:
     """Flags of the fixture's supernet: 32x32 input, patch 8, class token (no --gp)."""
     return [
