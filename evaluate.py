@@ -40,7 +40,7 @@ from lib.engine import evaluate
 from lib.logger import setup_logging
 from lib.models import add_model_args, create_supernet
 from lib.results import ResultsError, format_table, make_result, plot_pareto, save_results, write_json
-from model.candidate import CandidateError
+from model.candidate import CandidateError, largest_candidate
 from model.subnet import export_subnet, save_subnet
 from model.supernet import Supernet
 
@@ -120,10 +120,14 @@ def _interval_file_order(path: Path) -> list[str]:
 
 
 def _parse_subnet_option(text: str, supernet: SupernetConfig) -> list[dict]:
-    source = Path(text)
-    where = f"--subnet file {source}" if source.is_file() else "--subnet"
+    inline = text.lstrip().startswith(("{", "["))
+    where = "--subnet" if inline else f"--subnet file {text}"
     try:
-        value = json.loads(source.read_text(encoding="utf-8") if source.is_file() else text)
+        value = json.loads(text if inline else Path(text).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise EvaluationError(
+            f"{where} cannot be read ({error.strerror}); pass a JSON file or an inline candidate object"
+        ) from error
     except json.JSONDecodeError as error:
         raise EvaluationError(
             f"{where} is not valid JSON ({error.msg}); pass a candidate object such as "
@@ -163,22 +167,15 @@ def load_candidates(args: argparse.Namespace, space) -> list[LabelledCandidate]:
         return [(key, candidate) for key in _interval_file_order(path) for candidate in intervals[key]]
 
     if args.mode == "super":
-        return [(None, space.supernet.check_candidate(_largest(space.supernet)))]
+        largest = largest_candidate(space.supernet.embed_dim, space.supernet.depth, space.supernet.num_heads,
+                                    space.supernet.mlp_ratio)
+        return [(None, space.supernet.check_candidate(largest))]
     if space.retrain is None:
         raise EvaluationError(
             f"--cfg {args.cfg} has no RETRAIN section; pass --candfile or --subnet, or --mode super "
             f"for the largest subnet"
         )
     return [(None, space.retrain)]
-
-
-def _largest(supernet: SupernetConfig) -> dict:
-    return {
-        "layer_num": supernet.depth,
-        "embed_dim": [supernet.embed_dim] * supernet.depth,
-        "mlp_ratio": [supernet.mlp_ratio] * supernet.depth,
-        "num_heads": [supernet.num_heads] * supernet.depth,
-    }
 
 
 # ---------------------------------------------------------------------------------------------

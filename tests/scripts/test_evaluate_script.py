@@ -197,6 +197,15 @@ def test_subnet_option_and_modes(tmp_path, data_root):
     assert run_main(flags + ["--subnet", json.dumps(config), "--output_dir", str(tmp_path / "subnet")]) == 0
     assert [result["config"]["embed_dim"][0] for result in load_results(tmp_path / "subnet" / "results.json")] == [160]
 
+    # A file with a list of candidates; inline JSON longer than a file name works too.
+    subnet_file = tmp_path / "subnets.json"
+    subnet_file.write_text(json.dumps(REFERENCE["configs"][:2]))
+    assert run_main(flags + ["--subnet", str(subnet_file), "--output_dir", str(tmp_path / "file")]) == 0
+    assert len(load_results(tmp_path / "file" / "results.json")) == 2
+    padded = json.dumps(config, indent=40)
+    assert len(padded) > 300
+    assert run_main(flags + ["--subnet", padded, "--output_dir", str(tmp_path / "long")]) == 0
+
     # --eval, --dist-eval and --amp (on the CPU) are accepted for the reference's command lines.
     compatibility = ["--eval", "--dist-eval", "--amp"]
     assert run_main(flags + compatibility + ["--mode", "super", "--output_dir", str(tmp_path / "super")]) == 0
@@ -316,6 +325,9 @@ def test_subnet_option_errors(tmp_path, data_root, candfile, caplog, no_evaluati
     both = flags + ["--subnet", json.dumps(REFERENCE["configs"][0]), "--candfile", str(candfile)]
     assert "either --candfile or --subnet" in expect_error(both, tmp_path / "c", caplog)
     assert "no RETRAIN section" in expect_error(flags, tmp_path / "d", caplog)
+    missing = flags + ["--subnet", str(tmp_path / "absent.json")]
+    assert f"--subnet file {tmp_path / 'absent.json'} cannot be read" in expect_error(missing, tmp_path / "e", caplog)
+    assert "empty list" in expect_error(flags + ["--subnet", "[]"], tmp_path / "f", caplog)
 
 
 def test_empty_validation_folder(tmp_path, candfile, caplog, no_evaluation):
