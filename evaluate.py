@@ -385,6 +385,11 @@ def write_outputs(
             result["proxy_score"] = score
         correlation = {"scores_file": str(args.scores), **proxy_correlation(results, proxy_scores)}
         write_json(output_dir / CORRELATION_FILE, correlation)
+        # results.json stays a list of candidate records, as in the reference, so each record
+        # carries the coefficients of the whole evaluated set.
+        for result in results:
+            result["proxy_kendall_tau"] = correlation["kendall_tau"]
+            result["proxy_spearman_rho"] = correlation["spearman_rho"]
 
     save_results(output_dir / RESULTS_FILE, results)
     plot_pareto(results, output_dir / PARETO_FILE)

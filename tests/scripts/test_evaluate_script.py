@@ -181,6 +181,9 @@ def test_outputs_round_trip(tmp_path, data_root, candfile):
     assert correlation["kendall_tau"] == kendall_tau(list(score_of.values()), matched_acc1)
     assert correlation["spearman_rho"] == spearman_rho(list(score_of.values()), matched_acc1)
     assert correlation["params_kendall_tau"] == kendall_tau(matched_params, matched_acc1)
+    for result in results:
+        assert result["proxy_kendall_tau"] == correlation["kendall_tau"]
+        assert result["proxy_spearman_rho"] == correlation["spearman_rho"]
     assert (output_dir / "pareto.png").stat().st_size > 0
 
     exported = sorted(path.name for path in export_dir.iterdir())
