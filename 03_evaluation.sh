@@ -56,7 +56,7 @@ case "$SPACE" in
         CANDFILE="${CANDFILE:-output/demo/interval_cands.json}"
         SCORES="${SCORES:-output/demo/scores.jsonl}"
         OUTPUT_DIR="${OUTPUT_DIR:-output/demo/eval}"
-        SPACE_ARGS=(--data-set DIGITS --input-size 32 --patch_size 4 --batch-size 256 --num_workers 0
+        SPACE_ARGS=(--data-set DIGITS --input-size 32 --patch_size 8 --batch-size 256 --num_workers 0
                     --export-dir "$OUTPUT_DIR/subnets")
         if [ -n "${DATA_PATH:-}" ]; then
             SPACE_ARGS+=(--data-path "$DATA_PATH")

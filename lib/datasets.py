@@ -118,6 +118,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
                        help='timm auto-augment policy, for example rand-m9-mstd0.5-inc1, or "none" '
                             "(default: rand-m9-mstd0.5-inc1)")
+    group.add_argument("--hflip", type=_probability, default=0.5,
+                       help="probability of a horizontal flip in training; 0 for data whose classes "
+                            "change under mirroring, such as digits (default: 0.5)")
     group.add_argument("--train-interpolation", default="bicubic", choices=("random", "bilinear", "bicubic"),
                        help="resize interpolation of the training crop (default: bicubic)")
     group.add_argument("--reprob", type=_probability, default=0.25,
@@ -183,7 +186,7 @@ def _auto_augment(policy: Optional[str]) -> Optional[str]:
 def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
     """Build the training or evaluation transform for ``args.input_size`` (square) inputs.
 
-    Training: timm's ImageNet training transform (random resized crop, flip, ``--aa``,
+    Training: timm's ImageNet training transform (random resized crop, ``--hflip``, ``--aa``,
     ``--color-jitter``, ``--reprob`` random erasing), except that inputs of 32 pixels or less get a
     random crop with 4 pixels of padding in place of the random resized crop.
 
@@ -204,6 +207,7 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
                 is_training=True,
                 color_jitter=args.color_jitter,
                 auto_augment=policy,
+                hflip=float(getattr(args, "hflip", 0.5)),
                 interpolation=args.train_interpolation,
                 re_prob=args.reprob,
                 re_mode=args.remode,
@@ -216,7 +220,10 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
                 f"use a timm policy such as rand-m9-mstd0.5-inc1, or none"
             ) from error
         if input_size <= 32:
-            primary = [transforms.RandomCrop(input_size, padding=4), transforms.RandomHorizontalFlip()]
+            primary = [transforms.RandomCrop(input_size, padding=4)]
+            hflip = float(getattr(args, "hflip", 0.5))
+            if hflip > 0:
+                primary.append(transforms.RandomHorizontalFlip(hflip))
         else:
             primary = list(primary.transforms)
         return transforms.Compose(primary + list(secondary.transforms) + list(final.transforms))

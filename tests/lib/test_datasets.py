@@ -246,6 +246,37 @@ def test_train_transform_small_is_padded_crop():
     assert {flipped for _, _, flipped in found} == {False, True}
 
 
+def test_train_transform_hflip_zero_never_flips():
+    # An asymmetric image: its mirror image differs from every unflipped window.
+    image = random_image((32, 32), seed=8)
+    args = parse_args("--input-size", "32", "--aa", "none", "--color-jitter", "0", "--reprob", "0", "--hflip", "0")
+    transform = build_transform(True, args)
+    names = [type(step).__name__ for step in transform.transforms]
+    assert "RandomHorizontalFlip" not in names
+
+    padded = np.zeros((40, 40, 3), dtype=np.uint8)
+    padded[4:36, 4:36] = np.asarray(image)
+    unflipped = [
+        manual_to_tensor_normalize(Image.fromarray(padded[top:top + 32, left:left + 32]))
+        for top in range(9)
+        for left in range(9)
+    ]
+    torch.manual_seed(2)
+    for _ in range(12):
+        output = transform(image)
+        assert any(torch.allclose(output, window, atol=1e-5) for window in unflipped)
+
+
+def test_train_transform_large_hflip_option():
+    for probability in (0.0, 0.3):
+        transform = build_transform(True, parse_args("--input-size", "64", "--hflip", str(probability)))
+        flips = [step for step in transform.transforms if type(step).__name__ == "RandomHorizontalFlip"]
+        if probability == 0.0:
+            assert flips == []
+        else:
+            assert flips[0].p == probability
+
+
 def test_train_transform_large_uses_resized_crop():
     transform = build_transform(True, parse_args("--input-size", "64"))
     names = [type(step).__name__ for step in transform.transforms]

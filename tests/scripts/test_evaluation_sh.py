@@ -44,7 +44,7 @@ def test_unknown_space_is_rejected():
 @pytest.mark.slow
 def test_demo_run_with_two_processes(tmp_path):
     torch.manual_seed(0)
-    supernet = Supernet(img_size=32, patch_size=4, num_classes=10, embed_dim=128, depth=4, num_heads=2,
+    supernet = Supernet(img_size=32, patch_size=8, num_classes=10, embed_dim=128, depth=4, num_heads=2,
                         mlp_ratio=4.0, gp=True, relative_position=True, change_qkv=True)
     checkpoint = tmp_path / "checkpoint.pth"
     torch.save({"model": supernet.state_dict(), "epoch": 0}, checkpoint)
