@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lib import distributed
+from lib.argtypes import positive_int
 from lib.checkpoint import CheckpointError, args_to_plain, extract_state_dict, load_checkpoint_file, load_supernet_weights
 from lib.config import ConfigError, SupernetConfig, format_interval_key, load_interval_candidates, load_space
 from lib.correlation import ScoresError, join_scores, load_scores, proxy_correlation
@@ -62,13 +63,6 @@ class EvaluationError(ValueError):
 LabelledCandidate = tuple[Any, dict]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "PreNAS search-free evaluation",
@@ -89,7 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--mode", default="retrain", choices=("retrain", "super"),
                        help="without --candfile or --subnet: evaluate the config's RETRAIN subnet (retrain, "
                             "the default) or the largest subnet of the supernet (super)")
-    group.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch and process (default 64)")
+    group.add_argument("--batch-size", type=positive_int, default=64, help="images per batch and process (default 64)")
     group.add_argument("--output_dir", default="output/eval",
                        help="folder for results.json, pareto.png and the log; created if missing (default output/eval)")
     group.add_argument("--export-dir", default=None,

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,12 +36,14 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lib import distributed
+from lib.argtypes import non_negative_int, positive_int
 from lib.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_supernet_weights
 from lib.choices import derive_preferred_space, write_preferred_space
 from lib.config import ConfigError, load_search_space, save_interval_candidates
 from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError
 from lib.evolution import EvolutionSettings, evolution_search, random_search
+from lib.fileio import write_text_atomic
 from lib.logger import setup_logging
 from lib.models import add_model_args, create_supernet
 from lib.proxy import (
@@ -79,26 +79,12 @@ class UsageError(ValueError):
     """Command-line arguments that cannot work together."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "PreNAS zero-shot search",
         description="Score every subnet of a search space with a zero-cost proxy and keep the best per interval.",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=64,
+    parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="data-free: images in the whole batch, split across processes; with data: images "
                              "per process and batch (default 64)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -113,10 +99,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("proxy")
     group.add_argument("--data-free", action="store_true",
                        help="take the gradient on a random ImageNet-statistics batch; needs no dataset")
-    group.add_argument("--grad-batches", type=_non_negative_int, default=0,
+    group.add_argument("--grad-batches", type=non_negative_int, default=0,
                        help="with data: training batches per process for the mean gradient; 0 uses the whole "
                             "training set (default 0)")
-    group.add_argument("--nb-classes", type=_positive_int, default=None,
+    group.add_argument("--nb-classes", type=positive_int, default=None,
                        help=f"classes of the head with --data-free (default: from --resume, else "
                             f"{DEFAULT_NUM_CLASSES})")
     group.add_argument("--score-method", default="left_super_taylor6", choices=SCORE_METHODS,
@@ -135,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="no interval extends above this, in M params or G FLOPs (default 12)")
     group.add_argument("--param-interval", type=float, default=2.0,
                        help="interval width, in M params or G FLOPs (default 2)")
-    group.add_argument("--cand-per-interval", type=_positive_int, default=1,
+    group.add_argument("--cand-per-interval", type=positive_int, default=1,
                        help="candidates kept per interval (default 1)")
     group.add_argument("--interval-cands-output", default="output/search/interval_cands.json",
                        help="interval-candidates JSON to write (default output/search/interval_cands.json)")
@@ -150,13 +136,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--legacy-enumeration", action="store_true",
                        help="enumerate as the reference does, which for three or more choices skips every "
                             "distribution where a middle choice has no layer")
-    group.add_argument("--population-num", type=_positive_int, default=50,
+    group.add_argument("--population-num", type=positive_int, default=50,
                        help="random and evolution: candidates per interval or generation (default 50)")
-    group.add_argument("--max-epochs", type=_positive_int, default=20, help="evolution: generations per interval (default 20)")
-    group.add_argument("--select-num", type=_positive_int, default=20, help="evolution: parents per generation (default 20)")
-    group.add_argument("--mutation-num", type=_non_negative_int, default=25,
+    group.add_argument("--max-epochs", type=positive_int, default=20, help="evolution: generations per interval (default 20)")
+    group.add_argument("--select-num", type=positive_int, default=20, help="evolution: parents per generation (default 20)")
+    group.add_argument("--mutation-num", type=non_negative_int, default=25,
                        help="evolution: mutants per generation (default 25)")
-    group.add_argument("--crossover-num", type=_non_negative_int, default=25,
+    group.add_argument("--crossover-num", type=non_negative_int, default=25,
                        help="evolution: crossovers per generation (default 25)")
     group.add_argument("--m_prob", type=float, default=0.2,
                        help="evolution: per-layer mutation probability of num heads and mlp ratio (default 0.2)")
@@ -265,19 +251,6 @@ def run_search(args, choices: Choices, score, cost, grid: IntervalGrid, head_sco
     return strategy(choices, score, cost, grid, head_scores, mlp_scores, args.cand_per_interval, settings, args.seed)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def interval_candidates(result: SearchResult, grid: IntervalGrid, params: np.ndarray) -> dict[str, list[dict]]:
     """Return interval key -> selected candidates with ``num_params`` (M) and ``score``, as the reference writes them."""
     mapping = {}
@@ -376,7 +349,7 @@ def write_outputs(args: argparse.Namespace, result: SearchResult, costs: Costs) 
     save_interval_candidates(args.interval_cands_output, mapping)
     if args.scores_output:
         flops = costs.flops(result.candidates)
-        _write_atomic(Path(args.scores_output), scores_lines(result, costs.grid, params, flops))
+        write_text_atomic(Path(args.scores_output), scores_lines(result, costs.grid, params, flops))
         written.append(f"{len(result.candidates)} scores to {args.scores_output}")
     if args.choices_output:
         write_preferred_space(args.choices_output, derive_preferred_space(mapping), force=True)

@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from lib.config import ConfigError, load_interval_candidates
+from lib.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +99,7 @@ def write_preferred_space(path: str | os.PathLike, config: Mapping[str, Any], fo
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose another path")
     text = yaml.safe_dump(dict(config), default_flow_style=False, sort_keys=True)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    write_text_atomic(path, text)
     logger.info("wrote the preferred space to %s", path)
 
 

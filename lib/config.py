@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Union
 
 import yaml
 
+from lib.fileio import write_text_atomic
 from model.candidate import CandidateError, check_candidate
 
 logger = logging.getLogger(__name__)
@@ -564,14 +564,5 @@ def save_interval_candidates(path: Union[str, os.PathLike], mapping: Mapping[Any
         lines.append("  ]" + ("," if position < len(ordered) - 1 else ""))
     lines.append("}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write("\n".join(lines) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    write_text_atomic(path, "\n".join(lines) + "\n")
     logger.info("wrote %d interval(s) of candidates to %s", len(ordered), path)

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -39,7 +38,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets as torchvision_datasets
 from torchvision import transforms
 
+from lib.argtypes import non_negative_float, non_negative_int, positive_int, probability
 from lib.digits import DigitsError, default_cache_dir, digits_root, build_digits
+from lib.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -74,34 +75,6 @@ class DataError(ValueError):
 # Command-line options
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the dataset, augmentation and loader options. The model options add ``--input-size``."""
     group = parser.add_argument_group("data")
@@ -113,31 +86,31 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "built (default: $PRENAS_CACHE/digits, else ~/.cache/prenas/digits)")
     group.add_argument("--download", action="store_true",
                        help="download CIFAR10/CIFAR100 into --data-path if missing (the only option that downloads)")
-    group.add_argument("--color-jitter", type=_non_negative_float, default=0.4,
+    group.add_argument("--color-jitter", type=non_negative_float, default=0.4,
                        help="color jitter strength; timm applies it only when --aa is none (default: 0.4)")
     group.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
                        help='timm auto-augment policy, for example rand-m9-mstd0.5-inc1, or "none" '
                             "(default: rand-m9-mstd0.5-inc1)")
-    group.add_argument("--hflip", type=_probability, default=0.5,
+    group.add_argument("--hflip", type=probability, default=0.5,
                        help="probability of a horizontal flip in training; 0 for data whose classes "
                             "change under mirroring, such as digits (default: 0.5)")
     group.add_argument("--train-interpolation", default="bicubic", choices=("random", "bilinear", "bicubic"),
                        help="resize interpolation of the training crop (default: bicubic)")
-    group.add_argument("--reprob", type=_probability, default=0.25,
+    group.add_argument("--reprob", type=probability, default=0.25,
                        help="random erasing probability (default: 0.25)")
     group.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"),
                        help="random erasing fill mode (default: pixel)")
-    group.add_argument("--recount", type=_positive_int, default=1,
+    group.add_argument("--recount", type=positive_int, default=1,
                        help="number of random erasing boxes (default: 1)")
     group.add_argument("--eval-crops", type=int, default=1, choices=(1, 5, 10),
                        help="evaluation crops per image: 1 center crop, 5 (FiveCrop) or 10 (TenCrop); "
                             "the logits are averaged over crops; needs --input-size above 32 (default: 1)")
     group.add_argument("--skip-corrupt", action="store_true",
                        help="skip unreadable images (counted in a warning) instead of failing on the first one")
-    group.add_argument("--subset-per-class", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--subset-per-class", type=positive_int, default=None, metavar="N",
                        help="train on a fixed subset of N images per class of train/ (folder datasets only; "
                             f"EVO_IMNET defaults to {EVO_IMNET_IMAGES_PER_CLASS})")
-    group.add_argument("--num_workers", type=_non_negative_int, default=min(10, os.cpu_count() or 1),
+    group.add_argument("--num_workers", type=non_negative_int, default=min(10, os.cpu_count() or 1),
                        help="data loader worker processes (default: min(10, CPU count))")
     group.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=True,
                        help="pin loader memory for faster copies to the GPU (default: on)")
@@ -344,19 +317,8 @@ class ImageFolderDataset(Dataset):
 
     def save_file_list(self, path: Union[str, os.PathLike]) -> Path:
         """Write ``file_list()`` to ``path`` atomically and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(f"# root: {self.root}\n")
-                file.write("\n".join(self.file_list()) + "\n")
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
-        return path
+        text = f"# root: {self.root}\n" + "\n".join(self.file_list()) + "\n"
+        return write_text_atomic(path, text)
 
     def __len__(self) -> int:
         return len(self.samples)

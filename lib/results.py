@@ -18,11 +18,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+from lib.fileio import write_text_atomic
 from model.candidate import ARCHITECTURE_KEYS
 
 logger = logging.getLogger(__name__)
@@ -79,18 +79,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_json(path: Union[str, os.PathLike], data: Any) -> Path:
     """Write ``data`` as indented JSON atomically (a temporary file, then a rename), with NaN as null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(_json_safe(data), file, indent=2, allow_nan=False)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
 def save_results(path: Union[str, os.PathLike], results: Sequence[Mapping[str, Any]]) -> Path:

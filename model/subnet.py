@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.layers import QKV_GROUPED, QKV_INTERLEAVED, attention, gelu_float32, relative_position_index
