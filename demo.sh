@@ -90,7 +90,7 @@ from pathlib import Path
 
 from lib.results import format_table, load_results
 
-output_dir = Path(sys.argv[1])
+output_dir = Path(sys.argv[1]).absolute()
 elapsed = int(sys.argv[2])
 eval_dir = output_dir / "eval"
 results = load_results(eval_dir / "results.json")
