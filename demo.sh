@@ -17,7 +17,8 @@
 # A new run first deletes these outputs of an earlier run in the same OUTPUT_DIR.
 #
 # Environment:
-#   OUTPUT_DIR    folder for all outputs (default output/demo)
+#   OUTPUT_DIR    folder for all outputs (default output/demo; a relative path starts at the
+#                 repository root, because the script runs from there)
 #   PRENAS_CACHE  cache folder of the digits dataset (default ~/.cache/prenas)
 #   DATA_PATH     a digits folder to use instead of the cache (built there if missing)
 #   PYTHON        Python interpreter (default python)
