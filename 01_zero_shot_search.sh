@@ -39,6 +39,7 @@ case "$SPACE" in
                     --param-interval 12.0 --min_param_limits 30 --param_limits 70) ;;
     demo)
         SPACE_ARGS=(--cfg experiments/supernet/supernet-demo.yaml --data-set DIGITS --grad-batches 8 --aa none
+                    --reprob 0 --color-jitter 0 --hflip 0 --crop-padding 0
                     --input-size 32 --patch_size 8 --num_workers 0
                     --param-interval 0.1 --min_param_limits 0.3 --param_limits 0.9) ;;
     *)

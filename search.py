@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 import time
 from contextlib import contextmanager
@@ -180,7 +181,11 @@ def resolve_num_classes(args: argparse.Namespace, checkpoint_state: dict | None,
 
 
 def build_supernet(args, space, context, checkpoint_state, num_classes):
+    # timm's random erasing and auto-augment draw from Python's random module, so a real-data
+    # gradient is repeatable only when that is seeded too.
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     model = create_supernet(args, space.supernet, num_classes)
     if checkpoint_state is not None:
         load_supernet_weights(model, checkpoint_state)

@@ -94,6 +94,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--hflip", type=probability, default=0.5,
                        help="probability of a horizontal flip in training; 0 for data whose classes "
                             "change under mirroring, such as digits (default: 0.5)")
+    group.add_argument("--crop-padding", type=non_negative_int, default=4,
+                       help="padding in pixels of the random training crop of inputs of 32 pixels or less; "
+                            "0 turns the crop off (default: 4)")
     group.add_argument("--train-interpolation", default="bicubic", choices=("random", "bilinear", "bicubic"),
                        help="resize interpolation of the training crop (default: bicubic)")
     group.add_argument("--reprob", type=probability, default=0.25,
@@ -161,7 +164,7 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
 
     Training: timm's ImageNet training transform (random resized crop, ``--hflip``, ``--aa``,
     ``--color-jitter``, ``--reprob`` random erasing), except that inputs of 32 pixels or less get a
-    random crop with 4 pixels of padding in place of the random resized crop.
+    random crop with ``--crop-padding`` pixels of padding (none with 0) in place of the random resized crop.
 
     Evaluation: inputs above 32 pixels are resized to ``int(input * 256 / 224)`` (bicubic) and
     center-cropped, or cut into 5 or 10 crops with ``--eval-crops``. Smaller inputs are used as they
@@ -193,7 +196,8 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
                 f"use a timm policy such as rand-m9-mstd0.5-inc1, or none"
             ) from error
         if input_size <= 32:
-            primary = [transforms.RandomCrop(input_size, padding=4)]
+            padding = int(getattr(args, "crop_padding", 4))
+            primary = [transforms.RandomCrop(input_size, padding=padding)] if padding > 0 else []
             hflip = float(getattr(args, "hflip", 0.5))
             if hflip > 0:
                 primary.append(transforms.RandomHorizontalFlip(hflip))

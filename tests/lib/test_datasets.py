@@ -277,6 +277,16 @@ def test_train_transform_large_hflip_option():
             assert flips[0].p == probability
 
 
+def test_train_transform_crop_padding_zero_is_identity_crop():
+    image = random_image((32, 32), seed=9)
+    args = parse_args("--input-size", "32", "--aa", "none", "--color-jitter", "0", "--reprob", "0",
+                      "--hflip", "0", "--crop-padding", "0")
+    transform = build_transform(True, args)
+    names = [type(step).__name__ for step in transform.transforms]
+    assert "RandomCrop" not in names
+    assert torch.allclose(transform(image), manual_to_tensor_normalize(image), atol=1e-6)
+
+
 def test_train_transform_large_uses_resized_crop():
     transform = build_transform(True, parse_args("--input-size", "64"))
     names = [type(step).__name__ for step in transform.transforms]

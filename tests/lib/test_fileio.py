@@ -1,6 +1,8 @@
 """Atomic text writes and the argparse converters."""
 
 import argparse
+import os
+import stat
 
 import pytest
 
@@ -12,6 +14,15 @@ def test_write_text_atomic_creates_folder(tmp_path):
     path = fileio.write_text_atomic(tmp_path / "a" / "b.txt", "hello\n")
     assert path.read_text() == "hello\n"
     assert [p.name for p in path.parent.iterdir()] == ["b.txt"]
+
+
+def test_write_text_atomic_uses_umask_mode(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = fileio.write_text_atomic(tmp_path / "shared.txt", "x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
