@@ -288,3 +288,26 @@ def test_demo_script_unknown_space():
 
     assert result.returncode == 2
     assert "tiny, small, base or demo" in result.stderr
+
+
+@pytest.mark.slow
+def test_finetune_other_input_size(tmp_path):
+    source = tmp_path / "source"
+    target = tmp_path / "target"
+    candidates = write_candidates(tmp_path)
+    run_train([
+        "--candfile", candidates, "--epochs", "1", "--batch-size", "16", "--subset-per-class", "4",
+        "--output_dir", source, "--mixup", "0", "--cutmix", "0",
+    ])
+
+    result = run_train([
+        "--candfile", candidates, "--epochs", "1", "--batch-size", "16", "--subset-per-class", "4",
+        "--output_dir", target, "--mixup", "0", "--cutmix", "0", "--input-size", "48",
+        "--finetune", source / "checkpoint.pth",
+    ])
+
+    assert "interpolated pos_embed from a 8x8 to a 12x12 patch grid" in result.stderr
+    source_weights = load_checkpoint_file(source / "checkpoint.pth")["model"]
+    target_weights = load_checkpoint_file(target / "checkpoint.pth")["model"]
+    assert target_weights["pos_embed"].shape == (1, 145, 128)
+    assert source_weights["pos_embed"].shape == (1, 65, 128)
