@@ -227,9 +227,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except NonFiniteLossError as error:
         latest = output_dir / LATEST_CHECKPOINT
+        if latest.exists():
+            restart = f"resume from the last good checkpoint with --resume {latest}"
+        else:
+            restart = f"restart the run, because no checkpoint was written yet ({latest} does not exist)"
         logger.error(
-            "%s. Training stopped. Retry with --no-amp (or a lower --lr, or --clip-grad), resuming with "
-            "--resume %s, the last checkpoint written before the failure.", error, latest,
+            "%s. Training stopped. Retry with --no-amp (or a lower --lr, or --clip-grad) and %s.", error, restart,
         )
         return 1
     finally:

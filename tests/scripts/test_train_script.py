@@ -311,3 +311,43 @@ def test_finetune_other_input_size(tmp_path):
     target_weights = load_checkpoint_file(target / "checkpoint.pth")["model"]
     assert target_weights["pos_embed"].shape == (1, 145, 128)
     assert source_weights["pos_embed"].shape == (1, 65, 128)
+
+
+@pytest.mark.slow
+def test_eval_only_writes_results(tmp_path):
+    output = tmp_path / "run"
+    candidates = write_candidates(tmp_path)
+    run_train([
+        "--candfile", candidates, "--epochs", "1", "--batch-size", "16", "--subset-per-class", "4",
+        "--output_dir", output, "--mixup", "0", "--cutmix", "0",
+    ])
+
+    run_train([
+        "--candfile", candidates, "--eval", "--resume", output / "checkpoint.pth", "--output_dir", tmp_path / "eval",
+    ])
+
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    log = read_log(output)[0]
+    assert len(results) == 3
+    assert [entry["count"] for entry in results] == [296, 296, 296]
+    assert results[0]["acc1"] == log["val_smallest_acc1"]
+    assert results[-1]["acc1"] == log["val_largest_acc1"]
+    assert results[0]["n_parameters"] < results[-1]["n_parameters"]
+
+
+def test_nonfinite_loss_aborts(tmp_path, caplog):
+    import train
+
+    output = tmp_path / "run"
+    parsed = train.get_args_parser().parse_args([
+        *COMMON_ARGS, "--candfile", str(write_candidates(tmp_path)), "--epochs", "1", "--batch-size", "8",
+        "--subset-per-class", "4", "--output_dir", str(output), "--lr", "1e36", "--max-nonfinite", "2",
+        "--mixup", "0", "--cutmix", "0", "--warmup-epochs", "0",
+    ])
+
+    code = train.main(parsed)
+
+    assert code == 1
+    assert "non-finite for 2 consecutive steps" in caplog.text
+    assert "--no-amp" in caplog.text
+    assert str(output / "checkpoint.pth") in caplog.text
