@@ -25,10 +25,12 @@ import argparse
 import json
 import logging
 import math
+import random
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
@@ -45,7 +47,7 @@ from lib.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from lib.config import ConfigError, PreferredSpace, load_interval_candidates, load_space
+from lib.config import ConfigError, load_interval_candidates, load_space
 from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError, ShardSampler
 from lib.engine import NonFiniteLossError, NonFiniteTracker, evaluate, resolve_amp_dtype, train_one_epoch
@@ -190,6 +192,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--sandwich must be 0 (off) or a positive number of drawn candidates, got {args.sandwich}")
     if args.print_freq < 0:
         raise UsageError(f"--print-freq must be 0 (no progress lines) or positive, got {args.print_freq}")
+
     if not args.cfg:
         raise UsageError("--cfg is required: pass the search-space YAML whose SUPERNET block sizes the supernet")
     if mixup_active(args) and args.batch_size % 2:
@@ -197,19 +200,21 @@ def check_args(args: argparse.Namespace) -> None:
             f"mixup and cutmix pair images within a batch, so --batch-size must be even, got {args.batch_size}; "
             "change it or pass --mixup 0 --cutmix 0"
         )
-    if args.mode == "retrain" and (args.candfile and not args.eval):
+    if args.amp and args.amp_dtype == "float16" and args.device.startswith("cpu"):
+        raise UsageError("float16 autocast is not supported for CPU training; use --amp-dtype bfloat16 or --no-amp")
+
+    if args.mode == "retrain" and args.candfile and not args.eval:
         raise UsageError("--mode retrain trains one subnet; pass it with --subnet or RETRAIN in --cfg, not --candfile")
     if args.mode == "super" and args.subnet:
         raise UsageError("--subnet is for --mode retrain; in --mode super use --candfile")
-    if args.amp and args.amp_dtype == "float16" and args.device.startswith("cpu"):
-        raise UsageError("float16 autocast is not supported for CPU training; use --amp-dtype bfloat16 or --no-amp")
     if args.mode == "super" and not args.candfile and (args.group_by_dim or args.group_by_depth or args.shuffle):
         raise UsageError("--group-by-dim, --group-by-depth and --shuffle need --candfile")
+    if args.eval and not (args.resume or args.auto_resume or args.finetune):
+        raise UsageError("--eval needs trained weights: pass --resume CHECKPOINT")
+
     for flag, path in (("--resume", args.resume), ("--finetune", args.finetune), ("--candfile", args.candfile)):
         if path and not Path(path).is_file():
             raise UsageError(f"{flag} file {path} not found; check the path")
-    if args.eval and not (args.resume or args.auto_resume or args.finetune):
-        raise UsageError("--eval needs trained weights: pass --resume CHECKPOINT")
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -260,7 +265,11 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
     dataset_val, _ = build_dataset(False, args)
     model = create_supernet(args, space.supernet, num_classes).to(device)
     candidates = [(label, check_model_candidate(model, candidate, label)) for label, candidate in candidates]
-    retrain_subnet = resolve_retrain_subnet(args, space, model) if args.mode == "retrain" else None
+    # Evaluation of a candidate file (--mode retrain --eval --candfile, as in the reference's
+    # evaluation command) needs no fixed subnet.
+    retrain_subnet = None
+    if args.mode == "retrain" and not (args.eval and candidates):
+        retrain_subnet = resolve_retrain_subnet(args, space, model)
     candidates.sort(key=lambda item: model.num_params(item[1]))
 
     if args.finetune and not (args.resume or args.auto_resume):
@@ -369,10 +378,6 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)

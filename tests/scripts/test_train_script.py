@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -323,7 +322,8 @@ def test_eval_only_writes_results(tmp_path):
     ])
 
     run_train([
-        "--candfile", candidates, "--eval", "--resume", output / "checkpoint.pth", "--output_dir", tmp_path / "eval",
+        "--candfile", candidates, "--mode", "retrain", "--eval", "--resume", output / "checkpoint.pth",
+        "--output_dir", tmp_path / "eval",
     ])
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
