@@ -1,6 +1,6 @@
 """Weight-entangled layers of the ViT supernet and the functional ops they share with exported subnets.
 
-Every super layer holds the weights of its largest choice and uses leading slices of them. The
+Every super layer contains the weights of its largest choice and uses leading slices of them. The
 active sizes are plain ints set by the supernet, and the slices are taken inside ``forward``, so a
 layer keeps working and keeps sharing its storage after ``.to()``, a device move or ``copy.deepcopy``.
 """

@@ -265,7 +265,7 @@ def load_subnet(directory: str | os.PathLike, map_location: str | torch.device =
     directory = Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found; an exported subnet directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+            raise FileNotFoundError(f"{directory / name} not found; an exported subnet directory contains {CONFIG_FILE} and {WEIGHTS_FILE}; export the subnet again")
     config = json.loads((directory / CONFIG_FILE).read_text())
     if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
         raise ValueError(

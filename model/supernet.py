@@ -1,6 +1,6 @@
 """The weight-entangled ViT supernet of AutoFormer and PreNAS.
 
-One network holds the weights of the largest subnet; a candidate dict picks a subnet, which then
+One network contains the weights of the largest subnet, and a candidate dict picks a subnet, which then
 runs on leading slices of those weights (see :mod:`model.layers`). Parameter names match the
 released PreNAS supernet checkpoints, so their state dicts load as they are.
 """
@@ -301,10 +301,10 @@ class Supernet(nn.Module):
     def num_params(self, candidate: Mapping[str, Any] | None = None) -> int:
         """Count the subnet's parameters with the rule of the PreNAS code, which its tables bin by.
 
-        The count takes the sliced patch conv, every used block's qkv, proj, both layer norms, fc1,
-        fc2 and relative-position tables, the final norm and the whole head, plus
-        ``embed_dim * (num_patches + 2)`` for the cls token and the position embedding (whether or
-        not an absolute position embedding exists). ``candidate`` defaults to the active subnet.
+        The count takes the sliced patch conv and, in every used block, the sliced qkv, proj, both
+        layer norms, fc1, fc2 and relative-position tables. It adds the final norm, the whole head
+        and ``embed_dim * (num_patches + 2)`` for the cls token and the position embedding, whether
+        or not an absolute position embedding exists. ``candidate`` defaults to the active subnet.
         """
         candidate = self._resolve(candidate)
         embed = candidate["embed_dim"][0]
@@ -365,9 +365,10 @@ class Supernet(nn.Module):
     def macs(self, candidate: Mapping[str, Any] | None = None) -> int:
         """Count the multiply-accumulates of the subnet's forward pass for one image.
 
-        Counted: the patch conv, in every used block the qkv, q.k, attention-weighted sum and proj
-        for all ``num_patches + 1`` tokens, each relative-position term as the dense product with
-        one head-dim vector per token pair (two per attention), fc1 and fc2, and the head once.
+        Counted: the patch conv, and in every used block the qkv, q.k, attention-weighted sum, proj,
+        fc1 and fc2 for all ``num_patches + 1`` tokens. Each of the two relative-position terms of an
+        attention counts as a dense product with one head-dim vector per token pair. The head counts
+        once.
         Not counted: layer norms, softmax, GELU, additions and the mean pooling.
         """
         candidate = self._resolve(candidate)

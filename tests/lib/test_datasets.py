@@ -532,7 +532,7 @@ def test_cifar_rejects_subset(tmp_path):
 
 
 def test_recipe_randaugment_never_crashes():
-    # The training recipe's policy at magnitude 10 asks for posterize with 0 bits; some Pillow
+    # The training recipe's policy at magnitude 10 requests posterize with 0 bits; some Pillow
     # releases reject that, so every operation of the policy is applied many times here.
     args = parse_args("--input-size", "32", "--aa", "rand-n3-m10-mstd0.5-inc1", "--reprob", "0")
     transform = build_transform(True, args)

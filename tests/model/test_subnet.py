@@ -71,7 +71,7 @@ def test_export_holds_only_the_subnet_parameters():
     candidate = {"layer_num": 3, "embed_dim": [96] * 3, "num_heads": [1, 2, 1], "mlp_ratio": [3.0, 4.0, 2.0]}
     subnet = export_subnet(model, candidate)
     # The supernet's count adds cls token and pos embed as embed * (patches + 2); the exported model
-    # holds them as (patches + 2) * embed values too, so both counts are equal.
+    # stores them as (patches + 2) * embed values too, so both counts are equal.
     assert sum(p.numel() for p in subnet.parameters()) == model.num_params(candidate)
 
 
