@@ -66,33 +66,76 @@ def _key_grid_features(tokens: int, grid: int, dtype: torch.dtype, device) -> to
     return torch.cat([F.one_hot(rows, grid + 1), F.one_hot(columns, grid + 1)], dim=-1).to(dtype)
 
 
-def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, scale, dropout):
-    """Attention whose logits and outputs include 2D relative-position terms, through one fused kernel.
+def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, fused):
+    """Attention whose logits and outputs include 2D relative-position terms; q comes pre-scaled.
+
+    Takes q, k, v of shape (B, heads, N, head_dim) and returns (B, N, heads, head_dim).
 
     A pair's embedding is a row-distance plus a column-distance embedding, so both terms factor
     through the short tables. The key term of query i and key j is ``s_i[row_j] + t_i[col_j]``,
     where ``s_i`` and ``t_i`` are the scores of q_i against the tables, gathered per grid row and
     column: appending ``[s_i, t_i]`` to q_i and a one-hot grid row and column to k_j adds it to the
     logits. Appending the same one-hot to v_j makes the attention output carry the weight that
-    each query puts on every grid row and column, which then meets the value tables. So
-    ``F.scaled_dot_product_attention`` does all N x N work, and no (N, N, head_dim) tensor exists.
+    each query puts on every grid row and column, which then meets the value tables. So one
+    attention over the widened heads does all N x N work, and no (N, N, head_dim) tensor exists.
+
+    ``fused`` runs that attention through ``F.scaled_dot_product_attention``, which never holds the
+    N x N weights (the widened head is zero-padded to a multiple of 8 for the GPU kernels).
+    Otherwise two batched matrix products and a softmax compute it, which is faster on CPUs.
     """
     batch, heads, tokens, head_dim = q.shape
     grid = rel_index.shape[-1] - 1
     index = rel_index[:, None, None].expand(2, batch, heads, tokens, grid + 1)
+    features = _key_grid_features(tokens, grid, q.dtype, q.device)
+    width = head_dim + features.shape[-1]
+    padding = -width % 8 if fused else 0
+    if padding:
+        features = F.pad(features, (0, padding))
+    features = features.expand(batch, heads, tokens, -1)
 
-    q = q * scale
     q_table = q @ rel_k_table.transpose(0, 1)
-    q = torch.cat([q, q_table.gather(-1, index[0]), q_table.gather(-1, index[1])], dim=-1)
-    features = _key_grid_features(tokens, grid, q.dtype, q.device).expand(batch, heads, tokens, -1)
-    k = torch.cat([k, features], dim=-1)
+    q_parts = [q, q_table.gather(-1, index[0]), q_table.gather(-1, index[1])]
+    if padding:
+        q_parts.append(q.new_zeros(batch, heads, tokens, padding))
+    q = torch.cat(q_parts, dim=-1)
     v = torch.cat([v, features], dim=-1)
+    if fused:
+        out = F.scaled_dot_product_attention(q, torch.cat([k, features], dim=-1), v, dropout_p=dropout, scale=1.0)
+    else:
+        # Keys are laid out transposed, the faster operand order for the batched product.
+        k = torch.cat([k.transpose(-2, -1), features.transpose(-2, -1)], dim=-2)
+        weights = torch.softmax(q @ k, dim=-1)
+        if dropout > 0.0:
+            weights = F.dropout(weights, dropout)
+        out = weights @ v
+    out, table_weights = out[..., :head_dim], out[..., head_dim:width]
 
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0)
-    out, per_row, per_column = out.split([head_dim, grid + 1, grid + 1], dim=-1)
-    table_weights = out.new_zeros(batch, heads, tokens, rel_v_table.shape[0])
-    table_weights = table_weights.scatter_add(-1, index[0], per_row).scatter_add(-1, index[1], per_column)
-    return out + table_weights @ rel_v_table
+    # Token i weights grid row r with table row rel_index[0, i, r], so the value term of token i is
+    # its row and column weights times the table rows gathered for i: one small product per token.
+    tables = rel_v_table[rel_index].permute(1, 0, 2, 3).reshape(tokens, 2 * (grid + 1), head_dim)
+    table_weights = table_weights.permute(2, 0, 1, 3).reshape(tokens, batch * heads, 2 * (grid + 1))
+    value_term = torch.bmm(table_weights, tables).view(tokens, batch, heads, head_dim)
+    return out.transpose(1, 2) + value_term.transpose(0, 1)
+
+
+def _grouped_qkv(weight, bias, layout, scale):
+    """Reorder the rows of a qkv weight and bias into q, k, v blocks, with the q rows times ``scale``.
+
+    The copy is small next to the activations, and it gives contiguous per-head q, k and v and
+    saves the pass that scaling q would take. With 64-wide heads the scale is a power of two, so
+    the scaled weights give bit-identical q.
+    """
+    width = weight.shape[0] // 3
+    if layout == QKV_INTERLEAVED:
+        blocks = weight.view(width, 3, -1).transpose(0, 1)
+        bias_blocks = None if bias is None else bias.view(width, 3).transpose(0, 1)
+    else:
+        blocks = weight.view(3, width, -1)
+        bias_blocks = None if bias is None else bias.view(3, width)
+    factor = weight.new_tensor([scale, 1.0, 1.0])
+    weight = (blocks * factor[:, None, None]).reshape(3 * width, -1)
+    bias = None if bias_blocks is None else (bias_blocks * factor[:, None]).reshape(3 * width)
+    return weight, bias
 
 
 def attention(
@@ -109,6 +152,7 @@ def attention(
     rel_index: torch.Tensor | None = None,
     attn_drop: float = 0.0,
     training: bool = False,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Multi-head self-attention with optional 2D relative position, on already sliced weights.
 
@@ -122,24 +166,26 @@ def attention(
             (2 * table_length, head_dim) for the key and value terms, or None for no relative position.
         rel_index: the (2, N, grid + 1) index from :func:`relative_position_index`.
         attn_drop: dropout probability on the attention weights.
+        fused: how relative-position attention runs (see :func:`_relative_attention`); None picks
+            the fused kernel everywhere except on the CPU. Without relative position it is always fused.
     """
     batch, tokens, _ = x.shape
     width = qkv_weight.shape[0] // 3
     head_dim = width // num_heads
+    dropout = attn_drop if training else 0.0
 
-    qkv = F.linear(x, qkv_weight, qkv_bias)
-    if qkv_layout == QKV_INTERLEAVED:
-        qkv = qkv.view(batch, tokens, num_heads, head_dim, 3).permute(4, 0, 2, 1, 3)
-    else:
-        qkv = qkv.view(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    qkv_weight, qkv_bias = _grouped_qkv(qkv_weight, qkv_bias, qkv_layout, scale)
+    qkv = F.linear(x, qkv_weight, qkv_bias).view(batch, tokens, 3, num_heads, head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     if rel_k_table is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop if training else 0.0, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0).transpose(1, 2)
     else:
-        out = _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, scale, attn_drop if training else 0.0)
+        if fused is None:
+            fused = x.device.type != "cpu"
+        out = _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, fused)
 
-    out = out.transpose(1, 2).reshape(batch, tokens, width)
+    out = out.reshape(batch, tokens, width)
     return F.linear(out, proj_weight, proj_bias)
 
 
