@@ -67,9 +67,10 @@ def _key_grid_features(tokens: int, grid: int, dtype: torch.dtype, device) -> to
 
 
 def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, fused):
-    """Attention whose logits and outputs include 2D relative-position terms; q comes pre-scaled.
+    """Compute attention with 2D relative-position terms in its logits and outputs.
 
-    Takes q, k, v of shape (B, heads, N, head_dim) and returns (B, N, heads, head_dim).
+    Takes q (already multiplied by the attention scale), k and v of shape (B, heads, N, head_dim)
+    and returns (B, N, heads, head_dim).
 
     A pair's embedding is a row-distance plus a column-distance embedding, so both terms factor
     through the short tables. The key term of query i and key j is ``s_i[row_j] + t_i[col_j]``,
@@ -81,7 +82,9 @@ def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, f
 
     ``fused`` runs that attention through ``F.scaled_dot_product_attention``, which never holds the
     N x N weights (the widened head is zero-padded to a multiple of 8 for the GPU kernels).
-    Otherwise two batched matrix products and a softmax compute it, which is faster on CPUs.
+    Otherwise two batched matrix products and a softmax compute it: on the 2-core test machine
+    that was about 1.2x faster than the fused kernel in both eval and training (an estimate from
+    one CPU model, see docs/benchmarks.md).
     """
     batch, heads, tokens, head_dim = q.shape
     grid = rel_index.shape[-1] - 1
@@ -121,9 +124,9 @@ def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, f
 def _grouped_qkv(weight, bias, layout, scale):
     """Reorder the rows of a qkv weight and bias into q, k, v blocks, with the q rows times ``scale``.
 
-    The copy is small next to the activations, and it gives contiguous per-head q, k and v and
-    saves the pass that scaling q would take. With 64-wide heads the scale is a power of two, so
-    the scaled weights give bit-identical q.
+    The copy is small next to the activations. It gives q, k and v views whose head dim is
+    contiguous, and it saves the pass over q that scaling would take. With 64-wide heads the scale
+    is a power of two, so the scaled weights give bit-identical q.
     """
     width = weight.shape[0] // 3
     if layout == QKV_INTERLEAVED:
