@@ -27,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.subnet import export_subnet  # noqa: E402
 from model.supernet import Supernet  # noqa: E402
 
+TINY_SUPERNET = dict(
+    img_size=224, patch_size=16, num_classes=1000, embed_dim=256, depth=14, num_heads=4, mlp_ratio=4.0,
+    drop_path_rate=0.1, gp=True, relative_position=True, change_qkv=True,
+)
+
 TINY_CANDIDATES = {
     "6.0": {
         "layer_num": 12,
@@ -69,10 +74,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
 
-    supernet = Supernet(
-        img_size=224, patch_size=16, num_classes=1000, embed_dim=256, depth=14, num_heads=4, mlp_ratio=4.0,
-        drop_path_rate=0.1, gp=True, relative_position=True, change_qkv=True,
-    ).to(device)
+    supernet = Supernet(**TINY_SUPERNET).to(device)
     eval_input = torch.randn(args.eval_batch, 3, 224, 224, device=device)
     rows = []
 

@@ -96,7 +96,8 @@ def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, f
         features = F.pad(features, (0, padding))
     features = features.expand(batch, heads, tokens, -1)
 
-    q_table = q @ rel_k_table.transpose(0, 1)
+    # On (B, N, heads, head_dim) views, which are contiguous after the q bias, this is one GEMM.
+    q_table = (q.transpose(1, 2) @ rel_k_table.transpose(0, 1)).transpose(1, 2)
     q_parts = [q, q_table.gather(-1, index[0]), q_table.gather(-1, index[1])]
     if padding:
         q_parts.append(q.new_zeros(batch, heads, tokens, padding))
@@ -122,11 +123,12 @@ def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, f
 
 
 def _grouped_qkv(weight, bias, layout, scale):
-    """Reorder the rows of a qkv weight and bias into q, k, v blocks, with the q rows times ``scale``.
+    """Reorder the rows of a qkv weight and bias into q, k, v blocks, with q times ``scale``.
 
-    The copy is small next to the activations. It gives q, k and v views whose head dim is
-    contiguous, and it saves the pass over q that scaling would take. With 64-wide heads the scale
-    is a power of two, so the scaled weights give bit-identical q.
+    Returns the (3, width, in_dim) weight and the (3, width) bias or None. The copy is small next
+    to the activations. It gives q, k and v views whose head dim is contiguous, and it saves the
+    pass over q that scaling would take. With 64-wide heads the scale is a power of two, so the
+    scaled weights give bit-identical q.
     """
     width = weight.shape[0] // 3
     if layout == QKV_INTERLEAVED:
@@ -136,8 +138,8 @@ def _grouped_qkv(weight, bias, layout, scale):
         blocks = weight.view(3, width, -1)
         bias_blocks = None if bias is None else bias.view(3, width)
     factor = weight.new_tensor([scale, 1.0, 1.0])
-    weight = (blocks * factor[:, None, None]).reshape(3 * width, -1)
-    bias = None if bias_blocks is None else (bias_blocks * factor[:, None]).reshape(3 * width)
+    weight = blocks * factor[:, None, None]
+    bias = None if bias_blocks is None else bias_blocks * factor[:, None]
     return weight, bias
 
 
@@ -178,8 +180,20 @@ def attention(
     dropout = attn_drop if training else 0.0
 
     qkv_weight, qkv_bias = _grouped_qkv(qkv_weight, qkv_bias, qkv_layout, scale)
-    qkv = F.linear(x, qkv_weight, qkv_bias).view(batch, tokens, 3, num_heads, head_dim)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    # The biases are applied where they cost least. The k bias adds q_i.b_k to every logit of
+    # query i, which softmax cancels, so it is left out. Each query's attention weights sum to 1,
+    # so the v bias passes through unchanged and joins the proj bias, unless dropout on the
+    # weights breaks that sum. Only q gets its bias, in the pass that makes q contiguous.
+    qkv = F.linear(x, qkv_weight.reshape(3 * width, -1)).view(batch, tokens, 3, num_heads, head_dim)
+    q, k, v = qkv.unbind(2)
+    if qkv_bias is not None:
+        q = q + qkv_bias[0].view(num_heads, head_dim)
+        if dropout > 0.0:
+            v = v + qkv_bias[2].view(num_heads, head_dim)
+        else:
+            v_term = F.linear(qkv_bias[2], proj_weight)
+            proj_bias = v_term if proj_bias is None else proj_bias + v_term
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     if rel_k_table is None:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0).transpose(1, 2)
