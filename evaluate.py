@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lib import distributed
+from lib.allocator import keep_freed_memory
 from lib.argtypes import positive_int
 from lib.checkpoint import CheckpointError, args_to_plain, extract_state_dict, load_checkpoint_file, load_supernet_weights
 from lib.config import ConfigError, SupernetConfig, format_interval_key, load_interval_candidates, load_space
@@ -401,6 +402,7 @@ def write_outputs(
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         context = distributed.init_distributed(args.device)
         setup_logging(context.rank, args.output_dir if context.is_main else None)

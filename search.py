@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lib import distributed
+from lib.allocator import keep_freed_memory
 from lib.argtypes import non_negative_int, positive_int
 from lib.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_supernet_weights
 from lib.choices import derive_preferred_space, write_preferred_space
@@ -401,6 +402,7 @@ def search(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         search(args)
     except (UsageError, ConfigError, CandidateError, CheckpointError, DataError, DistributedError, ProxyError,

@@ -36,6 +36,7 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from lib import distributed
+from lib.allocator import keep_freed_memory
 from lib.checkpoint import (
     CheckpointError,
     adapt_for_finetune,
@@ -222,6 +223,7 @@ def mixup_active(args: argparse.Namespace) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     context = distributed.init_distributed(args.device)
     output_dir = Path(args.output_dir)
     setup_logging(context.rank, output_dir)

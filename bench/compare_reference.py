@@ -12,8 +12,11 @@ moment of the machine hits both. Each round times ``--steps`` calls after the wa
 figures are the best and the median round in images/s, and the ratios of this implementation's
 figures to the original's.
 
+By default both run with the C library's default malloc settings. With ``--keep-freed-memory``
+both run with the raised thresholds that this repository's entry scripts set.
+
 The original code is not part of this repository: pass a checkout of it with ``--reference``
-(the directory that holds its ``model/supernet_transformer.py``).
+(the directory that contains its ``model/supernet_transformer.py``).
 
     python bench/compare_reference.py --reference ../PreNAS
     python bench/compare_reference.py --reference ../PreNAS --json
@@ -36,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.model_speed import TINY_CANDIDATES, TINY_SUPERNET  # noqa: E402
+from lib.allocator import keep_freed_memory  # noqa: E402
 from model.supernet import Supernet  # noqa: E402
 
 
@@ -85,8 +89,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per model; best and median are kept (default 5)")
     parser.add_argument("--modes", nargs="+", default=["eval", "train"], choices=["eval", "train"],
                         help="what to time (default: eval train)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="raise glibc's malloc thresholds as this repository's entry scripts do; "
+                        "the setting applies to the whole process, so to both models")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
     args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit(
+            "error: could not raise the malloc thresholds: the C library is not glibc, or "
+            "PRENAS_DEFAULT_MALLOC or a MALLOC_*/GLIBC_TUNABLES variable is set; unset them or drop --keep-freed-memory"
+        )
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -162,7 +174,7 @@ def main() -> None:
                     wall, cpu = run_round(name, candidate)
                     rates[name].append(batch * args.steps / wall)
                     cpu_per_image[name].append(cpu / (batch * args.steps))
-            row = {"mode": mode, "candidate": key, "batch_size": batch}
+            row = {"mode": mode, "candidate": key, "batch_size": batch, "keep_freed_memory": args.keep_freed_memory}
             for name in models:
                 stats = summary(rates[name])
                 row[f"{name}_best"] = round(stats["best"], 2)

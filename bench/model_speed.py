@@ -6,6 +6,8 @@ The Tiny supernet is embed 256, depth 14, 4 heads, mlp ratio 4.0, 224x224 input,
 backward and an AdamW step, with a different candidate each step (it alternates between the two,
 and only the steps of the named candidate are timed). Each figure is the best of ``--repeats``
 timed rounds after one warm-up round, as images/s (wall time) and as CPU seconds per image.
+Like the entry scripts, the benchmark first raises glibc's malloc thresholds (see
+``lib/allocator.py``); set ``PRENAS_DEFAULT_MALLOC=1`` to time with the defaults.
 
     python bench/model_speed.py            # a table
     python bench/model_speed.py --json     # one JSON object per line
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib.allocator import keep_freed_memory  # noqa: E402
 from model.subnet import export_subnet  # noqa: E402
 from model.supernet import Supernet  # noqa: E402
 
@@ -70,6 +73,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
     args = parser.parse_args()
+    # The entry scripts do the same. PRENAS_DEFAULT_MALLOC=1 keeps glibc's default thresholds.
+    tuned = keep_freed_memory()
+    if not args.json:
+        print(f"malloc thresholds raised: {'yes' if tuned else 'no'}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
