@@ -48,20 +48,8 @@ case "$SPACE" in
 esac
 
 PYTHON="${PYTHON:-python}"
-if [ -z "${DEVICE:-}" ]; then
-    if [ "$SPACE" = demo ]; then
-        DEVICE=cpu
-    else
-        DEVICE=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-    fi
-fi
-if [ -z "${NPROC:-}" ]; then
-    if [ "$DEVICE" = cpu ]; then
-        NPROC=1
-    else
-        NPROC=$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')
-    fi
-fi
+# shellcheck source=lib/device_defaults.sh
+source lib/device_defaults.sh
 if [ "$SPACE" = demo ]; then
     # Where 02_one_shot_training.sh demo and 03_evaluation.sh demo look for the candidates.
     OUTPUT_DIR="${OUTPUT_DIR:-output/demo}"

@@ -87,20 +87,8 @@ if [ ! -f "$CANDFILE" ]; then
 fi
 
 PYTHON="${PYTHON:-python}"
-if [ -z "${DEVICE:-}" ]; then
-    if [ "$SPACE" = demo ]; then
-        DEVICE=cpu
-    else
-        DEVICE=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-    fi
-fi
-if [ -z "${NPROC:-}" ]; then
-    if [ "$DEVICE" = cpu ]; then
-        NPROC=1
-    else
-        NPROC=$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')
-    fi
-fi
+# shellcheck source=lib/device_defaults.sh
+source lib/device_defaults.sh
 OUTPUT_DIR="${OUTPUT_DIR:-output/$SPACE/eval}"
 
 # torchrun (python -m torch.distributed.run) with --standalone picks a free port on this machine.

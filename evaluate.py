@@ -283,10 +283,11 @@ def evaluate_candidate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     expected_count: int | None = None,
+    label: str = "eval",
 ) -> dict[str, float]:
     """Set ``candidate`` on the supernet and return ``lib.engine.evaluate``'s metrics for it."""
     model.set_subnet(candidate)
-    return evaluate(model, loader, device, amp_dtype, expected_count=expected_count)
+    return evaluate(model, loader, device, amp_dtype, expected_count=expected_count, label=label)
 
 
 def export_name(index: int, interval: str | None) -> str:
@@ -345,7 +346,10 @@ def run(args: argparse.Namespace, context: distributed.DistContext) -> list[dict
 
     results = []
     for index, (interval, candidate) in enumerate(candidates):
-        metrics = evaluate_candidate(model, candidate, loader, device, amp_dtype, expected_count=len(dataset))
+        metrics = evaluate_candidate(
+            model, candidate, loader, device, amp_dtype, expected_count=len(dataset),
+            label=f"[{index + 1}/{len(candidates)}] interval {interval} eval",
+        )
         result = make_result(
             candidate, metrics,
             n_parameters=model.num_params(candidate), flops=model.flops(candidate), macs=model.macs(candidate),

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lib.distributed import all_reduce_sum, get_world_size
+from lib.progress import ProgressLog
 from lib.sampling import CandidateSampler
 
 logger = logging.getLogger(__name__)
@@ -182,13 +183,19 @@ def train_one_epoch(
             now = time.perf_counter()
             mean_loss = window_loss.item() / max(window_steps, 1)
             throughput = window_images / max(now - window_start, 1e-9)
-            remaining = (now - epoch_start) / (step + 1) * (steps_per_epoch - step - 1)
+            step_seconds = (now - epoch_start) / (step + 1)
+            remaining = step_seconds * (steps_per_epoch - step - 1)
             epoch_label = f"{epoch}/{total_epochs}" if total_epochs else str(epoch)
+            run_eta = ""
+            if total_epochs:
+                # The estimate counts training steps only, so evaluation between epochs comes on top.
+                run_remaining = remaining + step_seconds * steps_per_epoch * max(total_epochs - epoch - 1, 0)
+                run_eta = f" (run {datetime.timedelta(seconds=int(run_remaining))})"
             logger.info(
-                "epoch %s [%d/%d] loss %.4f lr %.3e images/s %.1f eta %s",
+                "epoch %s [%d/%d] loss %.4f lr %.3e images/s %.1f eta %s%s",
                 epoch_label, step + 1, steps_per_epoch, mean_loss,
                 optimizer.param_groups[0]["lr"], throughput,
-                datetime.timedelta(seconds=int(remaining)),
+                datetime.timedelta(seconds=int(remaining)), run_eta,
             )
             window_loss.zero_()
             window_steps = 0
@@ -231,6 +238,7 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     expected_count: int | None = None,
+    label: str = "eval",
 ) -> dict[str, float]:
     """Measure top-1, top-5 and cross-entropy of ``model`` on ``loader``.
 
@@ -244,6 +252,7 @@ def evaluate(
         device: the device of the model.
         amp_dtype: autocast dtype, or None for float32.
         expected_count: the dataset size; when given, a different total count raises.
+        label: the start of the progress lines, logged every 30 s on long evaluations.
 
     Returns:
         ``acc1`` and ``acc5`` in percent, mean ``loss``, and ``count`` (images evaluated).
@@ -255,6 +264,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)
+    progress = ProgressLog(logger, label, len(loader) if hasattr(loader, "__len__") else None)
 
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
@@ -277,6 +287,7 @@ def evaluate(
         totals[1] += hits.any(dim=1).sum()
         totals[2] += nn.functional.cross_entropy(logits, targets, reduction="sum")
         totals[3] += targets.shape[0]
+        progress.update(targets.shape[0] * get_world_size())
 
     all_reduce_sum(totals)
     model.train(was_training)

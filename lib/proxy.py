@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.distributed import all_reduce_sum
+from lib.progress import ProgressLog
 from lib.search import BlockScores, CandidateBatch
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,10 @@ def data_gradient(
         device: where the model lives.
     """
     batches = 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches:
+        total = max_batches if total is None else min(total, max_batches)
+    progress = ProgressLog(logger, "proxy gradient", total)
     with _LargestSubnetGradient(model, candidate):
         for images, labels in loader:
             if max_batches and batches >= max_batches:
@@ -185,6 +190,7 @@ def data_gradient(
             logits = model(images.to(device, non_blocking=True))
             F.cross_entropy(logits, labels.to(device, non_blocking=True)).backward()
             batches += 1
+            progress.update(images.shape[0])
         gradients = _collect_gradients(model)
 
     _all_reduce_gradients(gradients)

@@ -288,3 +288,23 @@ def test_train_returns_mean_loss():
 
 def _architecture(candidate):
     return {key: candidate[key] for key in ("layer_num", "embed_dim", "mlp_ratio", "num_heads")}
+
+
+def test_progress_line_estimates_whole_run(monkeypatch, caplog):
+    import lib.engine as engine
+
+    clock = iter(float(second) for second in range(0, 1000, 10))
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    caplog.set_level("INFO", logger="lib.engine")
+    model = make_supernet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    train_one_epoch(
+        model, model, nn.CrossEntropyLoss(), make_loader(), optimizer, torch.device("cpu"), 1,
+        FixedSampler(CANDIDATES[0]), nonfinite=NonFiniteTracker(), print_freq=1, total_epochs=4,
+    )
+
+    first = next(record.getMessage() for record in caplog.records if record.name == "lib.engine")
+    # Epoch 1 of 4, first of 4 steps after 10 s: 3 steps left in this epoch, 2 epochs of 4 steps after it.
+    assert first.startswith("epoch 1/4 [1/4]")
+    assert first.endswith("eta 0:00:30 (run 0:01:50)")
