@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from lib.allocator import keep_freed_memory  # noqa: E402
 from lib.config import load_interval_candidates, load_space  # noqa: E402
 from lib.engine import evaluate  # noqa: E402
 from model.subnet import export_subnet  # noqa: E402
@@ -55,6 +56,7 @@ def main() -> None:
                         help="search-space YAML of the supernet (default experiments/supernet/tiny.yaml)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
     args = parser.parse_args()
+    keep_freed_memory()  # as the entry scripts do
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import search  # noqa: E402
+from lib.allocator import keep_freed_memory  # noqa: E402
 from lib.config import load_search_space  # noqa: E402
 from lib.models import create_supernet  # noqa: E402
 from lib.proxy import data_free_gradient  # noqa: E402
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--naive", type=int, default=0, metavar="N",
                         help="also time one-at-a-time slicing on the first N candidates (default 0: skip)")
     options = parser.parse_args()
+    keep_freed_memory()  # as the entry scripts do
     if options.threads:
         torch.set_num_threads(options.threads)
 

@@ -37,6 +37,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset, TensorDataset  # noqa: E402
 
 from lib import distributed  # noqa: E402
+from lib.allocator import keep_freed_memory  # noqa: E402
 from lib.config import load_search_space  # noqa: E402
 from lib.engine import NonFiniteTracker, resolve_amp_dtype, train_one_epoch  # noqa: E402
 from lib.models import create_supernet  # noqa: E402
@@ -77,6 +78,7 @@ def build_loader(case: str, batch_size: int, steps: int, world_size: int, rank: 
 
 
 def measure(rank: int, world_size: int, port: int, options: dict, results) -> None:
+    keep_freed_memory()  # as train.py does
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),

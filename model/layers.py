@@ -187,9 +187,9 @@ def attention(
     qkv = F.linear(x, qkv_weight.reshape(3 * width, -1)).view(batch, tokens, 3, num_heads, head_dim)
     q, k, v = qkv.unbind(2)
     if qkv_bias is not None:
-        q = q + qkv_bias[0].view(num_heads, head_dim)
+        q = q + qkv_bias[0].to(q.dtype).view(num_heads, head_dim)
         if dropout > 0.0:
-            v = v + qkv_bias[2].view(num_heads, head_dim)
+            v = v + qkv_bias[2].to(v.dtype).view(num_heads, head_dim)
         else:
             v_term = F.linear(qkv_bias[2], proj_weight)
             proj_bias = v_term if proj_bias is None else proj_bias + v_term

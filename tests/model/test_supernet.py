@@ -342,3 +342,18 @@ def test_training_after_inference_mode():
         model.eval()(x)
     model.train()(x).sum().backward()
     assert model.blocks[0].attn.rel_pos_embed_k.embeddings_table_v.grad is not None
+
+
+def test_bfloat16_autocast_close_to_float32():
+    torch.manual_seed(0)
+    model = Supernet(img_size=32, patch_size=8, num_classes=10, embed_dim=128, depth=2, num_heads=2, mlp_ratio=2.0,
+                     relative_position=True, change_qkv=True, gp=True)
+    model.set_subnet({"layer_num": 2, "embed_dim": [96, 96], "num_heads": [1, 2], "mlp_ratio": [2.0, 1.5]})
+    images = torch.randn(4, 3, 32, 32)
+    reference = model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+    logits.float().sum().backward()
+    assert logits.dtype == torch.bfloat16
+    assert torch.allclose(logits.float(), reference, atol=5e-2, rtol=5e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
