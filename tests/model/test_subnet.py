@@ -1,4 +1,4 @@
-"""Exported standalone subnets: equal outputs, save and load, tracing and torch.export."""
+"""Exported standalone subnets: equal outputs, save and load, tracing, torch.export and ONNX."""
 
 import random
 
@@ -111,3 +111,24 @@ def test_exported_subnet_traces_and_exports():
         assert torch.allclose(traced(torch.cat([x, x])[:2]), expected, atol=1e-6)
         program = torch.export.export(subnet, (x,))
         assert torch.allclose(program.module()(x), expected, atol=1e-6)
+
+
+def test_exported_subnet_runs_in_onnx_runtime():
+    import onnxruntime
+
+    model = make_supernet()
+    candidate = {"layer_num": 3, "embed_dim": [112] * 3, "num_heads": [2, 1, 2], "mlp_ratio": [4.0, 3.0, 2.0]}
+    subnet = export_subnet(model, candidate)
+    program = torch.onnx.export(
+        subnet, (torch.randn(2, 3, 32, 32),), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString())
+    input_name = session.get_inputs()[0].name
+    # Batch sizes other than the traced one check that the batch dimension stayed dynamic.
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        logits = session.run(None, {input_name: x.numpy()})[0]
+        with torch.no_grad():
+            expected = subnet(x)
+        assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-5)
