@@ -16,13 +16,14 @@ import itertools
 import logging
 import math
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import numpy as np
+
+from lib.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -538,26 +539,6 @@ ScoreFunction = Callable[[CandidateBatch], np.ndarray]
 CostFunction = Callable[[CandidateBatch], np.ndarray]
 
 
-class _Progress:
-    """Rate-limited progress log with an ETA."""
-
-    def __init__(self, total: int, label: str, min_seconds: float = 5.0) -> None:
-        self.total = total
-        self.label = label
-        self.min_seconds = min_seconds
-        self.start = time.perf_counter()
-        self.last_log = -math.inf
-
-    def update(self, done: int, detail: str = "") -> None:
-        now = time.perf_counter()
-        if done < self.total and now - self.last_log < self.min_seconds:
-            return
-        self.last_log = now
-        elapsed = now - self.start
-        remaining = elapsed / done * (self.total - done) if done else math.nan
-        logger.info("%s %d/%d%s, %.1f s elapsed, ETA %.1f s", self.label, done, self.total, detail, elapsed, remaining)
-
-
 def iteration_search(
     choices: Choices,
     score: ScoreFunction,
@@ -570,16 +551,16 @@ def iteration_search(
 ) -> SearchResult:
     """Score every enumerated candidate and keep the best ``candidates_per_interval`` per interval."""
     groups = [(embed_dim, depth) for embed_dim in choices.embed_dim for depth in choices.depth]
-    progress = _Progress(len(groups), "scored embed dim / depth group", min_seconds=2.0)
+    progress = ProgressLog(logger, "scored embed dim / depth group", len(groups), interval=2.0, log_ends=True)
     batches, scores, costs = [], [], []
     total = 0
-    for done, (embed_dim, depth) in enumerate(groups, start=1):
+    for embed_dim, depth in groups:
         batch = enumerate_group(choices, embed_dim, depth, head_scores, mlp_scores, legacy)
         batches.append(batch)
         scores.append(np.asarray(score(batch), dtype=np.float64))
         costs.append(np.asarray(cost(batch), dtype=np.float64))
         total += len(batch)
-        progress.update(done, f" (embed dim {embed_dim}, depth {depth}, {total} candidates so far)")
+        progress.update(detail=f" (embed dim {embed_dim}, depth {depth}, {total} candidates so far)")
 
     result = SearchResult(
         candidates=CandidateBatch.concatenate(batches),

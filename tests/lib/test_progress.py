@@ -36,7 +36,7 @@ def test_line_gives_position_rate_and_eta(monkeypatch, caplog):
     log.update(images=20)
     message = caplog.records[-1].getMessage()
     # One step of 20 images in 5 s, 9 steps of 5 s left.
-    assert message == "proxy gradient [1/10] images/s 4.0 eta 0:00:45"
+    assert message == "proxy gradient [1/10] images/s 4.0 elapsed 0:00:05 eta 0:00:45"
 
 
 def test_unknown_total_has_no_eta(monkeypatch, caplog):
@@ -44,7 +44,7 @@ def test_unknown_total_has_no_eta(monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     log = ProgressLog(logging.getLogger("test"), "eval", total=None, interval=1.0)
     log.update()
-    assert caplog.records[-1].getMessage() == "eval [1]"
+    assert caplog.records[-1].getMessage() == "eval [1] elapsed 0:00:05"
 
 
 def test_evaluate_logs_progress_on_slow_loops(monkeypatch, caplog):
@@ -56,3 +56,12 @@ def test_evaluate_logs_progress_on_slow_loops(monkeypatch, caplog):
     messages = [record.getMessage() for record in caplog.records if record.name == "lib.engine"]
     assert messages[0].startswith("eval 6.0 [1/3] images/s")
     assert len(messages) == 3
+
+
+def test_log_ends_logs_first_and_last(monkeypatch, caplog):
+    monkeypatch.setattr(progress_module.time, "perf_counter", FakeClock(1.0))
+    caplog.set_level(logging.INFO)
+    log = ProgressLog(logging.getLogger("test"), "groups", total=4, interval=100.0, log_ends=True)
+    logged = [log.update(detail=f" (group {index})") for index in range(4)]
+    assert logged == [True, False, False, True]
+    assert caplog.records[0].getMessage() == "groups [1/4] (group 0) elapsed 0:00:01 eta 0:00:03"
