@@ -31,13 +31,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lib import distributed
-from lib.allocator import keep_freed_memory
 from lib.argtypes import positive_int
 from lib.checkpoint import CheckpointError, args_to_plain, extract_state_dict, load_checkpoint_file, load_supernet_weights
 from lib.config import ConfigError, SupernetConfig, format_interval_key, load_interval_candidates, load_space
 from lib.correlation import ScoresError, join_scores, load_scores, proxy_correlation
 from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError, ShardSampler
+from lib.entry import run_entry_point
 from lib.engine import evaluate
 from lib.logger import setup_logging
 from lib.models import add_model_args, create_supernet
@@ -406,20 +406,15 @@ def write_outputs(
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    keep_freed_memory()
-    try:
+
+    def body() -> None:
         context = distributed.init_distributed(args.device)
         setup_logging(context.rank, args.output_dir if context.is_main else None)
         run(args, context)
-    except (EvaluationError, ConfigError, CandidateError, CheckpointError, DataError, DistributedError,
-            ScoresError, ResultsError) as error:
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO)
-        logger.error("%s", error)
-        return 2
-    finally:
-        distributed.cleanup()
-    return 0
+
+    errors = (EvaluationError, ConfigError, CandidateError, CheckpointError, DataError, DistributedError,
+              ScoresError, ResultsError)
+    return run_entry_point(body, errors, logger)
 
 
 if __name__ == "__main__":

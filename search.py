@@ -37,13 +37,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lib import distributed
-from lib.allocator import keep_freed_memory
 from lib.argtypes import non_negative_int, positive_int
 from lib.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_supernet_weights
 from lib.choices import derive_preferred_space, write_preferred_space
 from lib.config import ConfigError, load_search_space, save_interval_candidates
 from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError
+from lib.entry import run_entry_point
 from lib.evolution import EvolutionSettings, evolution_search, random_search
 from lib.fileio import write_text_atomic
 from lib.logger import setup_logging
@@ -402,18 +402,9 @@ def search(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    keep_freed_memory()
-    try:
-        search(args)
-    except (UsageError, ConfigError, CandidateError, CheckpointError, DataError, DistributedError, ProxyError,
-            SearchError) as error:
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO)
-        logger.error("%s", error)
-        return 2
-    finally:
-        distributed.cleanup()
-    return 0
+    errors = (UsageError, ConfigError, CandidateError, CheckpointError, DataError, DistributedError, ProxyError,
+              SearchError)
+    return run_entry_point(lambda: search(args), errors, logger)
 
 
 if __name__ == "__main__":
