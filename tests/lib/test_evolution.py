@@ -6,7 +6,6 @@ import pytest
 from lib.evolution import EvolutionSettings, _Sampler, evolution_search, random_search
 from lib.search import (
     AdditiveCost,
-    Choices,
     IntervalGrid,
     SearchError,
     choice_counts,
@@ -15,16 +14,8 @@ from lib.search import (
     scores_for_embed,
 )
 from model.supernet import Supernet
+from search_helpers import DEMO, random_block_scores
 
-DEMO = Choices(embed_dim=(96, 112, 128), depth=(3, 4), num_heads=(1, 2), mlp_ratio=(3.0, 3.5, 4.0))
-
-
-def random_block_scores(choices: Choices, seed: int):
-    rng = np.random.default_rng(seed)
-    depth = max(choices.depth)
-    heads = {(e, h): rng.random(depth) for e in choices.embed_dim for h in choices.num_heads[1:]}
-    mlp = {(e, r): rng.random(depth) for e in choices.embed_dim for r in choices.mlp_ratio[1:]}
-    return heads, mlp
 
 
 def synthetic_score(batch) -> np.ndarray:

@@ -25,18 +25,10 @@ from lib.search import (
     top_per_interval,
 )
 from model.supernet import Supernet
+from search_helpers import DEMO, random_block_scores
 
 TINY = Choices(embed_dim=(192, 216, 240), depth=(12, 13, 14), num_heads=(3, 4), mlp_ratio=(3.5, 4.0))
 SMALL = Choices(embed_dim=(320, 384, 448), depth=(13, 14), num_heads=(5, 6, 7), mlp_ratio=(3.0, 3.5, 4.0))
-DEMO = Choices(embed_dim=(96, 112, 128), depth=(3, 4), num_heads=(1, 2), mlp_ratio=(3.0, 3.5, 4.0))
-
-
-def random_block_scores(choices: Choices, seed: int):
-    rng = np.random.default_rng(seed)
-    depth = max(choices.depth)
-    heads = {(e, h): rng.random(depth) for e in choices.embed_dim for h in choices.num_heads[1:]}
-    mlp = {(e, r): rng.random(depth) for e in choices.embed_dim for r in choices.mlp_ratio[1:]}
-    return heads, mlp
 
 
 @pytest.fixture(scope="module")
