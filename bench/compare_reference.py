@@ -29,7 +29,6 @@ import importlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.model_speed import TINY_CANDIDATES, TINY_SUPERNET  # noqa: E402
+from bench.model_speed import TINY_CANDIDATES, TINY_SUPERNET, timed  # noqa: E402
 from lib.allocator import keep_freed_memory  # noqa: E402
 from model.supernet import Supernet  # noqa: E402
 
@@ -66,13 +65,6 @@ def load_reference_class(root: Path):
         for name in [name for name in sys.modules if name == "model" or name.startswith("model.")]:
             del sys.modules[name]
         sys.modules.update(own)
-
-
-def timed(call) -> tuple[float, float]:
-    """Run ``call`` and return its wall and CPU seconds."""
-    start, start_cpu = time.perf_counter(), time.process_time()
-    call()
-    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def summary(rates: list[float]) -> dict[str, float]:

@@ -46,20 +46,33 @@ TINY_CANDIDATES = {
 }
 
 
+def timed(call) -> tuple[float, float]:
+    """Run ``call`` and return its wall and CPU seconds.
+
+    The CPU time is this process's, summed over its threads, so it changes less than the wall
+    time when other processes share the cores.
+    """
+    start, start_cpu = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
 def best_rate(step, images: int, steps: int, repeats: int) -> tuple[float, float]:
     """Return the best images/s and CPU seconds per image over ``repeats`` rounds of ``steps`` calls.
 
-    One warm-up call comes first. The CPU time is this process's, summed over its threads, so it
-    changes less than the wall time when other processes share the cores.
+    One warm-up call comes first. CPU time is counted as in :func:`timed`.
     """
+
+    def round_of_steps() -> None:
+        for index in range(steps):
+            step(index)
+
     step(0)
     fastest, best_cpu = 0.0, float("inf")
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        for index in range(steps):
-            step(index)
-        fastest = max(fastest, images * steps / (time.perf_counter() - start))
-        best_cpu = min(best_cpu, (time.process_time() - start_cpu) / (images * steps))
+        seconds, cpu_seconds = timed(round_of_steps)
+        fastest = max(fastest, images * steps / seconds)
+        best_cpu = min(best_cpu, cpu_seconds / (images * steps))
     return fastest, best_cpu
 
 
@@ -101,15 +114,12 @@ def main() -> None:
     labels = torch.randint(0, 1000, (args.train_batch,), device=device)
     order = list(TINY_CANDIDATES.values())
 
-    def train_step(candidate: dict) -> tuple[float, float]:
-        """Run one step on ``candidate`` and return its wall and CPU durations in seconds."""
-        start, start_cpu = time.perf_counter(), time.process_time()
+    def train_step(candidate: dict) -> None:
         supernet.set_subnet(candidate)
         loss = F.cross_entropy(supernet(train_input), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return time.perf_counter() - start, time.process_time() - start_cpu
 
     for key, candidate in TINY_CANDIDATES.items():
         # Each timed step follows an untimed step on another candidate, so every step sets a new subnet.
@@ -121,7 +131,7 @@ def main() -> None:
             seconds = cpu_seconds = 0.0
             for _ in range(args.steps):
                 train_step(other)
-                wall, cpu = train_step(candidate)
+                wall, cpu = timed(lambda: train_step(candidate))
                 seconds, cpu_seconds = seconds + wall, cpu_seconds + cpu
             best, best_cpu = max(best, images / seconds), min(best_cpu, cpu_seconds / images)
         rows.append({"model": "supernet", "mode": "train", "candidate": key, "batch_size": args.train_batch,
