@@ -37,8 +37,8 @@ from lib.config import ConfigError, SupernetConfig, format_interval_key, load_in
 from lib.correlation import ScoresError, join_scores, load_scores, proxy_correlation
 from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError, ShardSampler
-from lib.entry import run_entry_point
 from lib.engine import evaluate
+from lib.entry import run_entry_point
 from lib.logger import setup_logging
 from lib.models import add_model_args, create_supernet
 from lib.results import ResultsError, format_table, make_result, plot_pareto, save_results, write_json

@@ -67,10 +67,6 @@ def load_reference_class(root: Path):
         sys.modules.update(own)
 
 
-def summary(rates: list[float]) -> dict[str, float]:
-    return {"best": max(rates), "median": statistics.median(rates)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", type=Path, required=True, help="root of a checkout of the original PreNAS code")
@@ -150,7 +146,6 @@ def main() -> None:
             wall, cpu = wall + seconds, cpu + cpu_seconds
         return wall, cpu
 
-    rows = []
     for mode in args.modes:
         batch = args.eval_batch if mode == "eval" else args.train_batch
         run_round = eval_round if mode == "eval" else train_round
@@ -168,13 +163,11 @@ def main() -> None:
                     cpu_per_image[name].append(cpu / (batch * args.steps))
             row = {"mode": mode, "candidate": key, "batch_size": batch, "keep_freed_memory": args.keep_freed_memory}
             for name in models:
-                stats = summary(rates[name])
-                row[f"{name}_best"] = round(stats["best"], 2)
-                row[f"{name}_median"] = round(stats["median"], 2)
+                row[f"{name}_best"] = round(max(rates[name]), 2)
+                row[f"{name}_median"] = round(statistics.median(rates[name]), 2)
                 row[f"{name}_cpu_s_per_image"] = round(min(cpu_per_image[name]), 4)
             row["speedup_best"] = round(row["ours_best"] / row["reference_best"], 3)
             row["speedup_median"] = round(row["ours_median"] / row["reference_median"], 3)
-            rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
             else:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lib.distributed import all_reduce_sum, get_world_size
-from lib.progress import ProgressLog
+from lib.progress import ProgressLog, loop_length
 from lib.sampling import CandidateSampler
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)
-    progress = ProgressLog(logger, label, len(loader) if hasattr(loader, "__len__") else None)
+    progress = ProgressLog(logger, label, loop_length(loader))
 
     for images, targets in loader:
         images = images.to(device, non_blocking=True)

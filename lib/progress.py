@@ -11,6 +11,11 @@ def _clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def loop_length(iterable: object) -> int | None:
+    """Return ``len(iterable)``, or None for an iterable without a length (such as a generator)."""
+    return len(iterable) if hasattr(iterable, "__len__") else None
+
+
 class ProgressLog:
     """Logger of a loop's progress at a fixed minimum interval.
 

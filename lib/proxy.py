@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.distributed import all_reduce_sum
-from lib.progress import ProgressLog
+from lib.progress import ProgressLog, loop_length
 from lib.search import BlockScores, CandidateBatch
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def data_gradient(
         device: where the model lives.
     """
     batches = 0
-    total = len(loader) if hasattr(loader, "__len__") else None
+    total = loop_length(loader)
     if max_batches:
         total = max_batches if total is None else min(total, max_batches)
     progress = ProgressLog(logger, "proxy gradient", total)
