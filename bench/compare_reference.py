@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import statistics
 import sys
@@ -39,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.model_speed import TINY_CANDIDATES, TINY_SUPERNET, timed  # noqa: E402
 from lib.allocator import keep_freed_memory  # noqa: E402
+from lib.argtypes import positive_int  # noqa: E402
 from model.supernet import Supernet  # noqa: E402
 
 
@@ -57,8 +60,21 @@ def load_reference_class(root: Path):
     own = {name: module for name, module in sys.modules.items() if name == "model" or name.startswith("model.")}
     for name in own:
         del sys.modules[name]
+    # The package is built by hand from the checkout's folder: a plain import would find this
+    # repository's ``model`` first when the checkout's folder has no __init__.py.
+    directory = root / "model"
+    init = directory / "__init__.py"
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location("model", init, submodule_search_locations=[str(directory)])
+    else:
+        spec = importlib.machinery.ModuleSpec("model", None, is_package=True)
+    package = importlib.util.module_from_spec(spec)
+    package.__path__ = [str(directory)]
+    sys.modules["model"] = package
     sys.path.insert(0, str(root))
     try:
+        if spec.loader is not None:
+            spec.loader.exec_module(package)
         return importlib.import_module("model.supernet_transformer").Vision_TransformerSuper
     finally:
         sys.path.remove(str(root))
@@ -70,11 +86,11 @@ def load_reference_class(root: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", type=Path, required=True, help="root of a checkout of the original PreNAS code")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--eval-batch", type=int, default=32, help="eval batch size (default 32)")
-    parser.add_argument("--train-batch", type=int, default=16, help="train batch size (default 16)")
-    parser.add_argument("--steps", type=int, default=2, help="timed calls per round (default 2)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per model; best and median are kept (default 5)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--eval-batch", type=positive_int, default=32, help="eval batch size (default 32)")
+    parser.add_argument("--train-batch", type=positive_int, default=16, help="train batch size (default 16)")
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed calls per round (default 2)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="rounds per model, of which the best and the median are reported (default 5)")
     parser.add_argument("--modes", nargs="+", default=["eval", "train"], choices=["eval", "train"],
                         help="what to time (default: eval train)")
     parser.add_argument("--keep-freed-memory", action="store_true",
@@ -110,7 +126,10 @@ def main() -> None:
                 outputs.append(model(check_input))
         difference = (outputs[0] - outputs[1]).abs().max().item()
         if difference > 1e-4:
-            raise SystemExit(f"error: the logits of candidate {key} differ by {difference:.2e}; the models are not the same")
+            raise SystemExit(
+                f"error: the logits of candidate {key} differ by {difference:.2e}, so the two supernets compute "
+                "different functions; check that --reference is a checkout of the original PreNAS code"
+            )
         if not args.json:
             print(f"candidate {key}: max abs logit difference {difference:.1e}")
 

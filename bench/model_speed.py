@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.allocator import keep_freed_memory  # noqa: E402
+from lib.argtypes import positive_int  # noqa: E402
 from model.subnet import export_subnet  # noqa: E402
 from model.supernet import Supernet  # noqa: E402
 
@@ -78,11 +79,11 @@ def best_rate(step, images: int, steps: int, repeats: int) -> tuple[float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--eval-batch", type=int, default=32, help="eval batch size (default 32)")
-    parser.add_argument("--train-batch", type=int, default=16, help="train batch size (default 16)")
-    parser.add_argument("--steps", type=int, default=3, help="timed calls per round (default 3)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the best counts (default 3)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--eval-batch", type=positive_int, default=32, help="eval batch size (default 32)")
+    parser.add_argument("--train-batch", type=positive_int, default=16, help="train batch size (default 16)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed calls per round (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds; the best counts (default 3)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
     args = parser.parse_args()

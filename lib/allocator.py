@@ -27,7 +27,7 @@ MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # the largest value glibc accepts on 64
 TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
 
 DISABLE_VARIABLE = "PRENAS_DEFAULT_MALLOC"
-# Environment variables through which a user sets these thresholds by hand; they take precedence.
+# Environment variables through which a user sets these thresholds by hand. They take precedence.
 GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
