@@ -91,6 +91,8 @@ def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, f
     index = rel_index[:, None, None].expand(2, batch, heads, tokens, grid + 1)
     features = _key_grid_features(tokens, grid, q.dtype, q.device)
     width = head_dim + features.shape[-1]
+    # TODO: the fused path, padding included, is only tested on the CPU against a dense reference;
+    # it has not run on a GPU yet.
     padding = -width % 8 if fused else 0
     if padding:
         features = F.pad(features, (0, padding))
