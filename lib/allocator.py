@@ -5,8 +5,9 @@ unmaps it on free. The threshold starts at 128 KiB and follows the largest block
 to 32 MiB on 64-bit systems. Free memory at the top of the heap goes back to the system once it
 exceeds the trim threshold, which is twice the mmap threshold (both described in mallopt(3)).
 A ViT block on the CPU allocates and frees several tensors of 5 to 25 MiB per call, so many of
-them land on pages that the kernel must map and zero again. On the 2-core test machine that cost 10 to 20 % of an eval forward at batch 32
-(an estimate from runs with and without these settings, see docs/benchmarks.md).
+them land on pages that the kernel must map and zero again. On the 2-core test machine that cost
+up to 20 % of an eval forward at batch 32 (an estimate from runs with and without these
+settings, see docs/benchmarks.md).
 
 Raising both thresholds keeps that memory in the heap, at the price of a resident size that stays
 near its peak. Only glibc on Linux has these settings. The entry scripts call
