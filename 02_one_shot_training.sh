@@ -20,6 +20,11 @@
 # the recipe, because argparse keeps the last value of a repeated flag.
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source=lib/script_usage.sh
+source lib/script_usage.sh
+case "${1:-}" in
+    -h|--help) print_usage "$(basename "$0")"; exit 0 ;;
+esac
 
 SPACE="${1:-tiny}"
 if [ "$#" -gt 0 ]; then

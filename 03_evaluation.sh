@@ -9,7 +9,8 @@
 # it exists, else with output/<space>/checkpoint.pth of ./02_one_shot_training.sh <space>. demo evaluates the demo supernet that ./02_one_shot_training.sh demo
 # trained, on the digits validation set at 32x32 on the CPU, exports every candidate as a
 # standalone subnet and correlates the search's proxy scores with the measured accuracy.
-# Arguments after the space name are passed on to evaluate.py and override these settings.
+# Arguments after the space name are passed on to evaluate.py and override these settings. With
+# --subnet JSON among them, that one subnet is evaluated instead of the candidates file.
 #
 # Writes OUTPUT_DIR/results.json, OUTPUT_DIR/pareto.png and OUTPUT_DIR/run.log, and for demo
 # also OUTPUT_DIR/proxy_correlation.json and OUTPUT_DIR/subnets/.
@@ -31,6 +32,11 @@
 #   PYTHON      Python interpreter (default: python)
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source=lib/script_usage.sh
+source lib/script_usage.sh
+case "${1:-}" in
+    -h|--help) print_usage "$(basename "$0")"; exit 0 ;;
+esac
 
 SPACE="${1:-tiny}"
 if [ $# -gt 0 ]; then
@@ -81,7 +87,14 @@ if [ ! -f "$CKPT" ]; then
     fi
     exit 1
 fi
-if [ ! -f "$CANDFILE" ]; then
+# A --subnet among the extra arguments evaluates that one subnet instead of the candidates file.
+CANDIDATE_ARGS=(--candfile "$CANDFILE")
+for argument in "$@"; do
+    if [ "$argument" = --subnet ] || [[ "$argument" == --subnet=* ]]; then
+        CANDIDATE_ARGS=()
+    fi
+done
+if [ "${#CANDIDATE_ARGS[@]}" -gt 0 ] && [ ! -f "$CANDFILE" ]; then
     echo "candidates file $CANDFILE not found; run ./01_zero_shot_search.sh $SPACE first, or set CANDFILE." >&2
     exit 1
 fi
@@ -99,6 +112,6 @@ fi
 
 "${LAUNCH[@]}" evaluate.py \
     --gp --change_qkv --relative_position --mode retrain --eval --dist-eval \
-    --cfg "$CFG" --candfile "$CANDFILE" --resume "$CKPT" --device "$DEVICE" \
+    --cfg "$CFG" "${CANDIDATE_ARGS[@]}" --resume "$CKPT" --device "$DEVICE" \
     --output_dir "$OUTPUT_DIR" \
     "${SPACE_ARGS[@]}" "$@"

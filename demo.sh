@@ -8,7 +8,7 @@
 #
 # then print the table of the preferred subnets and where the outputs are.
 #
-# Usage: bash demo.sh
+# Usage: bash demo.sh   (no arguments; -h or --help prints this text)
 #
 # Outputs, under OUTPUT_DIR (default output/demo):
 #   interval_cands.json, scores.jsonl, preferred_space.yaml, run.log   the search
@@ -28,6 +28,16 @@
 #                 override the demo settings (for example TRAIN_ARGS="--epochs 2")
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source=lib/script_usage.sh
+source lib/script_usage.sh
+if [ $# -gt 0 ]; then
+    case "$1" in
+        -h|--help) print_usage demo.sh; exit 0 ;;
+    esac
+    # Checked before anything is deleted: a mistyped argument must not cost the earlier outputs.
+    echo "demo.sh takes no arguments, got: $*. Set OUTPUT_DIR, SEARCH_ARGS, TRAIN_ARGS or EVAL_ARGS instead (see bash demo.sh --help)" >&2
+    exit 2
+fi
 
 OUTPUT_DIR="${OUTPUT_DIR:-output/demo}"
 PYTHON="${PYTHON:-python}"

@@ -196,3 +196,21 @@ def test_demo_prints_summary(demo_run):
     assert f"interval candidates to {demo_run['output'] / 'interval_cands.json'}" in log
     assert f"checkpoints in {demo_run['output'] / 'train'}" in log
     assert f"wrote {eval_dir / 'results.json'}" in log
+
+
+def test_demo_argument_rejected_before_deleting(tmp_path):
+    env = demo_environment(tmp_path)
+    earlier = Path(env["OUTPUT_DIR"]) / "train" / "checkpoint.pth"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run")
+
+    rejected = subprocess.run(["bash", str(REPO_ROOT / "demo.sh"), "--epochs", "2"], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+    help_text = subprocess.run(["bash", str(REPO_ROOT / "demo.sh"), "--help"], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=60)
+
+    assert rejected.returncode == 2
+    assert "demo.sh takes no arguments, got: --epochs 2" in rejected.stderr
+    assert help_text.returncode == 0
+    assert "Usage: bash demo.sh" in help_text.stdout
+    assert earlier.read_bytes() == b"an earlier run"

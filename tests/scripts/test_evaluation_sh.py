@@ -41,6 +41,41 @@ def test_unknown_space_is_rejected():
     assert "choose tiny, small, base or demo" in completed.stderr
 
 
+def write_argument_printer(folder: Path) -> Path:
+    """Write a stand-in for the Python interpreter that prints the arguments it is given, one per line."""
+    printer = folder / "print_arguments.sh"
+    printer.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    printer.chmod(0o755)
+    return printer
+
+
+def test_subnet_argument_replaces_candfile(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pth"
+    checkpoint.write_bytes(b"")
+    printer = write_argument_printer(tmp_path)
+    subnet = json.dumps(DEMO_CANDIDATES["0.4"][0])
+
+    with_subnet = run_script("demo", "--subnet", subnet, CKPT=str(checkpoint), PYTHON=str(printer),
+                             CANDFILE=str(tmp_path / "absent.json"))
+    with_candfile = run_script("demo", CKPT=str(checkpoint), PYTHON=str(printer), CANDFILE=str(checkpoint))
+
+    assert with_subnet.returncode == 0, with_subnet.stderr
+    arguments = with_subnet.stdout.splitlines()
+    assert "--candfile" not in arguments
+    assert arguments[arguments.index("--subnet") + 1] == subnet
+    assert with_candfile.returncode == 0, with_candfile.stderr
+    arguments = with_candfile.stdout.splitlines()
+    assert arguments[arguments.index("--candfile") + 1] == str(checkpoint)
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_header(flag):
+    completed = run_script(flag)
+    assert completed.returncode == 0
+    assert "Usage: ./03_evaluation.sh [tiny|small|base|demo]" in completed.stdout
+    assert "CKPT" in completed.stdout
+
+
 @pytest.mark.slow
 def test_demo_run_with_two_processes(tmp_path):
     torch.manual_seed(0)
