@@ -40,7 +40,7 @@ from lib.distributed import DistributedError, ShardSampler
 from lib.engine import evaluate
 from lib.entry import run_entry_point
 from lib.logger import setup_logging
-from lib.models import add_model_args, create_supernet
+from lib.models import add_model_args, check_checkpoint_flags, create_supernet
 from lib.results import ResultsError, format_table, make_result, plot_pareto, save_results, write_json
 from model.candidate import CandidateError, largest_candidate
 from model.subnet import export_subnet, save_subnet
@@ -70,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Evaluate the preferred subnets of a trained supernet on a validation set.",
     )
     add_model_args(parser)
-    add_data_args(parser)
+    add_data_args(parser, training=False)
 
     group = parser.add_argument_group("evaluation")
     group.add_argument("--resume", default=None, metavar="CHECKPOINT",
@@ -196,11 +196,13 @@ def load_supernet(args: argparse.Namespace, supernet: SupernetConfig) -> Superne
     supernet on the CPU in eval mode.
 
     Raises:
-        CheckpointError: the file is missing or unreadable, has no head, or its tensors do not fit
-            the supernet. The message then lists the missing, unexpected and mismatched keys with
+        CheckpointError: the file is missing or unreadable, was trained with other supernet flags
+            (when it saved its arguments), has no head, or its tensors do not fit the supernet. The message then lists the missing, unexpected and mismatched keys with
             their shapes and the likely cause.
     """
-    state = extract_state_dict(load_checkpoint_file(args.resume))
+    checkpoint = load_checkpoint_file(args.resume)
+    check_checkpoint_flags(checkpoint, args, args.resume)
+    state = extract_state_dict(checkpoint)
     if "head.weight" not in state:
         raise CheckpointError(
             f"checkpoint {args.resume} has no head.weight, so it is not a supernet checkpoint; "
@@ -340,15 +342,17 @@ def run(args: argparse.Namespace, context: distributed.DistContext) -> list[dict
     loader = build_val_loader(args, dataset, device)
     logger.info(
         "evaluating %d candidate(s) of %s on %d validation images (%d process(es), batch %d per process)",
-        len(candidates), args.candfile or args.subnet or f"--mode {args.mode}", len(dataset),
+        len(candidates), args.candfile or ("--subnet" if args.subnet else f"--mode {args.mode}"), len(dataset),
         context.world_size, args.batch_size,
     )
 
     results = []
     for index, (interval, candidate) in enumerate(candidates):
+        # Candidates of --subnet or --mode have no interval.
+        name = "subnet" if interval is None else f"interval {interval}"
         metrics = evaluate_candidate(
             model, candidate, loader, device, amp_dtype, expected_count=len(dataset),
-            label=f"[{index + 1}/{len(candidates)}] interval {interval} eval",
+            label=f"[{index + 1}/{len(candidates)}] {name} eval",
         )
         result = make_result(
             candidate, metrics,
@@ -357,8 +361,8 @@ def run(args: argparse.Namespace, context: distributed.DistContext) -> list[dict
         )
         results.append(result)
         logger.info(
-            "[%d/%d] interval %s: %.3f M params, top-1 %.2f %%, top-5 %.2f %%, loss %.4f",
-            index + 1, len(candidates), interval, result["n_parameters"] / 1e6,
+            "[%d/%d] %s: %.3f M params, top-1 %.2f %%, top-5 %.2f %%, loss %.4f",
+            index + 1, len(candidates), name, result["n_parameters"] / 1e6,
             result["acc1"], result["acc5"], result["loss"],
         )
 

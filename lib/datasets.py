@@ -75,9 +75,17 @@ class DataError(ValueError):
 # Command-line options
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the dataset, augmentation and loader options. The model options add ``--input-size``."""
+def add_data_args(parser: argparse.ArgumentParser, training: bool = True) -> argparse.ArgumentParser:
+    """Add the dataset, augmentation and loader options. The model options add ``--input-size``.
+
+    With ``training=False`` (evaluate.py) the options of the training transform and subset are
+    still accepted, so that a training command line can be reused, but the help leaves them out.
+    """
     group = parser.add_argument_group("data")
+
+    def training_help(text: str) -> str:
+        return text if training else argparse.SUPPRESS
+
     group.add_argument("--data-set", default="DIGITS", choices=DATA_SETS,
                        help="dataset to use (default: DIGITS, built from scikit-learn, no download)")
     group.add_argument("--data-path", default=None,
@@ -87,32 +95,32 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--download", action="store_true",
                        help="download CIFAR10/CIFAR100 into --data-path if missing (the only option that downloads)")
     group.add_argument("--color-jitter", type=non_negative_float, default=0.4,
-                       help="color jitter strength; timm applies it only when --aa is none (default: 0.4)")
+                       help=training_help("color jitter strength; timm applies it only when --aa is none (default: 0.4)"))
     group.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
-                       help='timm auto-augment policy, for example rand-m9-mstd0.5-inc1, or "none" '
-                            "(default: rand-m9-mstd0.5-inc1)")
+                       help=training_help('timm auto-augment policy, for example rand-m9-mstd0.5-inc1, or "none" '
+                                          "(default: rand-m9-mstd0.5-inc1)"))
     group.add_argument("--hflip", type=probability, default=0.5,
-                       help="probability of a horizontal flip in training; 0 for data whose classes "
-                            "change under mirroring, such as digits (default: 0.5)")
+                       help=training_help("probability of a horizontal flip in training; 0 for data whose classes "
+                                          "change under mirroring, such as digits (default: 0.5)"))
     group.add_argument("--crop-padding", type=non_negative_int, default=4,
-                       help="padding in pixels of the random training crop of inputs of 32 pixels or less; "
-                            "0 turns the crop off (default: 4)")
+                       help=training_help("padding in pixels of the random training crop of inputs of 32 pixels "
+                                          "or less; 0 turns the crop off (default: 4)"))
     group.add_argument("--train-interpolation", default="bicubic", choices=("random", "bilinear", "bicubic"),
-                       help="resize interpolation of the training crop (default: bicubic)")
+                       help=training_help("resize interpolation of the training crop (default: bicubic)"))
     group.add_argument("--reprob", type=probability, default=0.25,
-                       help="random erasing probability (default: 0.25)")
+                       help=training_help("random erasing probability (default: 0.25)"))
     group.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"),
-                       help="random erasing fill mode (default: pixel)")
+                       help=training_help("random erasing fill mode (default: pixel)"))
     group.add_argument("--recount", type=positive_int, default=1,
-                       help="number of random erasing boxes (default: 1)")
+                       help=training_help("number of random erasing boxes (default: 1)"))
     group.add_argument("--eval-crops", type=int, default=1, choices=(1, 5, 10),
                        help="evaluation crops per image: 1 center crop, 5 (FiveCrop) or 10 (TenCrop); "
                             "the logits are averaged over crops; needs --input-size above 32 (default: 1)")
     group.add_argument("--skip-corrupt", action="store_true",
                        help="skip unreadable images (counted in a warning) instead of failing on the first one")
     group.add_argument("--subset-per-class", type=positive_int, default=None, metavar="N",
-                       help="train on a fixed subset of N images per class of train/ (folder datasets only; "
-                            f"EVO_IMNET defaults to {EVO_IMNET_IMAGES_PER_CLASS})")
+                       help=training_help("train on a fixed subset of N images per class of train/ (folder "
+                                          f"datasets only; EVO_IMNET defaults to {EVO_IMNET_IMAGES_PER_CLASS})"))
     group.add_argument("--num_workers", type=non_negative_int, default=min(10, os.cpu_count() or 1),
                        help="data loader worker processes (default: min(10, CPU count))")
     group.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=True,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 
+from lib.checkpoint import CheckpointError
 from model.supernet import Supernet
 
 
@@ -56,3 +58,60 @@ def create_supernet(args: argparse.Namespace, supernet_config, num_classes: int)
         max_relative_position=args.max_relative_position,
         abs_pos=args.abs_pos,
     )
+
+
+# Flags that change what the supernet computes, in the order of the error message. gp, change_qkv
+# and (without an absolute position embedding) input_size change no state-dict key or shape, so
+# only the arguments saved in the checkpoint can tell that they differ.
+_ARCHITECTURE_FLAGS = {
+    "gp": "--gp",
+    "change_qkv": "--change_qkv",
+    "relative_position": "--relative_position",
+    "max_relative_position": "--max_relative_position",
+    "abs_pos": "--no_abs_pos",
+    "input_size": "--input-size",
+    "patch_size": "--patch_size",
+}
+
+
+def _flag_words(name: str, value: object) -> str:
+    flag = _ARCHITECTURE_FLAGS[name]
+    if name == "abs_pos":
+        return f"no {flag}" if value else flag
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
+def check_checkpoint_flags(checkpoint: Mapping, args: argparse.Namespace, path) -> None:
+    """Compare the supernet flags saved in a checkpoint with this run's and reject a difference.
+
+    Checkpoints written by train.py save their arguments as a dict, and the released ones as an
+    ``argparse.Namespace`` (whose ``no_abs_pos`` is read as ``abs_pos``). A checkpoint without
+    saved arguments, or without one of the flags, is not checked for it.
+
+    Raises:
+        CheckpointError: a flag differs; the message lists the checkpoint's value and this run's.
+    """
+    saved = checkpoint.get("args")
+    if isinstance(saved, argparse.Namespace):
+        saved = vars(saved)
+    if not isinstance(saved, Mapping):
+        return
+    saved = dict(saved)
+    if "abs_pos" not in saved and "no_abs_pos" in saved:
+        saved["abs_pos"] = not saved["no_abs_pos"]
+
+    differences = []
+    for name in _ARCHITECTURE_FLAGS:
+        if name not in saved or not hasattr(args, name):
+            continue
+        if saved[name] != getattr(args, name):
+            differences.append(
+                f"{_flag_words(name, saved[name])} in the checkpoint, {_flag_words(name, getattr(args, name))} here"
+            )
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with other supernet flags: {'; '.join(differences)}. "
+            "Pass the checkpoint's flags, because the weights only compute the trained model with them"
+        )

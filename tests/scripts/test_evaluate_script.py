@@ -292,6 +292,17 @@ def test_checkpoint_of_another_architecture(tmp_path, data_root, candfile, caplo
     assert "cls_token: checkpoint (1, 1, 128), model (1, 1, 192)" in text
 
 
+def test_checkpoint_trained_with_gp(tmp_path, data_root, candfile, caplog, no_evaluation):
+    checkpoint = torch.load(FIXTURE / "supernet.pth", weights_only=True)
+    path = tmp_path / "with_args.pth"
+    torch.save({**checkpoint, "args": {"gp": True, "change_qkv": True, "relative_position": True}}, path)
+    flags = fixture_flags("--data-path", str(data_root), "--data-set", "FOLDER", "--candfile", str(candfile),
+                          "--resume", str(path))
+    text = expect_error(flags, tmp_path / "eval", caplog)
+    assert f"checkpoint {path} was trained with other supernet flags" in text
+    assert "--gp in the checkpoint, no --gp here" in text
+
+
 def test_config_supernet_differs_from_checkpoint(tmp_path, data_root, caplog, no_evaluation):
     deeper = tmp_path / "deeper.yaml"
     deeper.write_text((FIXTURE / "supernet.yaml").read_text().replace("DEPTH: 3", "DEPTH: 4"))
@@ -361,3 +372,14 @@ def test_candidate_rejected_without_change_qkv(tmp_path, data_root, candfile, ca
     text = expect_error(flags, tmp_path / "eval", caplog)
     assert "candidate 0 (interval 1.0) does not fit the supernet" in text
     assert "--change_qkv" in text
+
+
+def test_help_leaves_out_training_options():
+    parser = evaluate_script.get_args_parser()
+    help_text = parser.format_help()
+    parsed = parser.parse_args(["--aa", "none", "--reprob", "0", "--subset-per-class", "2"])
+
+    for flag in ("--aa", "--reprob", "--hflip", "--color-jitter", "--subset-per-class"):
+        assert flag not in help_text
+    assert "--eval-crops" in help_text
+    assert parsed.aa == "none"
