@@ -53,7 +53,7 @@ from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError, ShardSampler
 from lib.engine import NonFiniteLossError, NonFiniteTracker, evaluate, resolve_amp_dtype, train_one_epoch
 from lib.logger import MetricsWriter, setup_logging
-from lib.models import add_model_args, create_supernet
+from lib.models import add_model_args, check_checkpoint_flags, create_supernet
 from lib.sampling import (
     CandidateSampler,
     FixedSampler,
@@ -217,6 +217,14 @@ def check_args(args: argparse.Namespace) -> None:
         if path and not Path(path).is_file():
             raise UsageError(f"{flag} file {path} not found; check the path")
 
+    # A new run would overwrite the checkpoint of the earlier one and append to its log.
+    latest = Path(args.output_dir) / LATEST_CHECKPOINT
+    if not args.eval and not (args.resume or args.auto_resume) and latest.exists():
+        raise UsageError(
+            f"{latest} exists from an earlier run; pass --auto-resume to continue that run, or pass "
+            f"another --output_dir (or delete {latest}) to start a new one"
+        )
+
 
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -233,17 +241,24 @@ def main(args: argparse.Namespace) -> int:
         logger.error("%s", error)
         return 2
     except NonFiniteLossError as error:
-        latest = output_dir / LATEST_CHECKPOINT
-        if latest.exists():
-            restart = f"resume from the last good checkpoint with --resume {latest}"
-        else:
-            restart = f"restart the run, because no checkpoint was written yet ({latest} does not exist)"
         logger.error(
-            "%s. Training stopped. Retry with --no-amp (or a lower --lr, or --clip-grad) and %s.", error, restart,
+            "%s. Training stopped. Retry with --no-amp (or a lower --lr, or --clip-grad) and %s.",
+            error, restart_hint(output_dir, "resume from the last good checkpoint with"),
         )
         return 1
+    except KeyboardInterrupt:
+        logger.error("training interrupted; to continue it, %s", restart_hint(output_dir, "resume with"))
+        return 130
     finally:
         distributed.cleanup()
+
+
+def restart_hint(output_dir: Path, resume_words: str) -> str:
+    """Return how to go on after a stopped run: resume from its latest checkpoint, or restart without one."""
+    latest = output_dir / LATEST_CHECKPOINT
+    if latest.exists():
+        return f"{resume_words} --resume {latest} (or --auto-resume with the same --output_dir)"
+    return f"restart the run, because no checkpoint was written yet ({latest} does not exist)"
 
 
 def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: Path) -> int:
@@ -312,7 +327,7 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
         config_text = yaml.safe_dump({**args_to_plain(args), "resolved": resolved}, sort_keys=True)
         (output_dir / "config.yaml").write_text(config_text, encoding="utf-8")
     logger.info(
-        "training %s: %d epochs, %d process(es), batch %d per process, lr %.3g (scaled from %.3g), %s, "
+        "training %s: %d epoch(s), %d process(es), batch %d per process, lr %.3g (scaled from %.3g), %s, "
         "%d training and %d validation images, %d classes, output %s",
         describe_sampling(args, candidates), args.epochs, world_size, args.batch_size, scaled_lr, args.lr,
         resolved["amp_dtype"], len(dataset_train), len(dataset_val), num_classes, output_dir,
@@ -320,9 +335,10 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
 
     start_epoch = args.start_epoch
     rng_states = None
+    best_acc1: dict[str, float] = {}
     if resume_path is not None:
-        start_epoch, rng_states = load_resume_state(
-            resume_path, model, optimizer, lr_scheduler, grad_scaler, model_ema, world_size,
+        start_epoch, rng_states, best_acc1 = load_resume_state(
+            resume_path, args, model, optimizer, lr_scheduler, grad_scaler, model_ema, world_size,
         )
     if start_epoch >= args.epochs:
         logger.info("nothing to train: the checkpoint ended at epoch %d of %d", start_epoch, args.epochs)
@@ -333,7 +349,6 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
 
     metrics = MetricsWriter(output_dir, enabled=context.is_main, tensorboard=args.tensorboard)
     nonfinite = NonFiniteTracker(max_consecutive=args.max_nonfinite)
-    best_acc1: dict[str, float] = {}
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
@@ -366,7 +381,9 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
 
         rng_states = gather_rng_states()
         if context.is_main:
-            state = build_checkpoint(model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch, args, rng_states)
+            state = build_checkpoint(
+                model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch, args, rng_states, best_acc1,
+            )
             save_checkpoint(state, output_dir / LATEST_CHECKPOINT)
             if (epoch + 1) % args.save_freq == 0:
                 save_checkpoint(state, output_dir / f"checkpoint-{epoch + 1}.pth")
@@ -556,9 +573,14 @@ def find_resume_checkpoint(args, output_dir: Path) -> Path | None:
     return None
 
 
-def load_resume_state(path, model, optimizer, lr_scheduler, grad_scaler, model_ema, world_size):
-    """Load weights and training state from ``path``; return the next epoch and the saved RNG states."""
+def load_resume_state(path, args, model, optimizer, lr_scheduler, grad_scaler, model_ema, world_size):
+    """Load weights and training state from ``path``.
+
+    Returns the next epoch, the saved RNG states (None when they cannot be restored) and the best
+    top-1 so far per evaluated subnet label.
+    """
     checkpoint = load_checkpoint_file(path)
+    check_checkpoint_flags(checkpoint, args, path)
     load_supernet_weights(model, extract_state_dict(checkpoint))
     missing = [key for key in ("optimizer", "lr_scheduler", "epoch") if key not in checkpoint]
     if missing:
@@ -576,6 +598,17 @@ def load_resume_state(path, model, optimizer, lr_scheduler, grad_scaler, model_e
         else:
             logger.warning("checkpoint %s has no EMA weights; the EMA restarts from the current weights", path)
 
+    saved_args = checkpoint.get("args")
+    saved_epochs = saved_args.get("epochs") if isinstance(saved_args, dict) else None
+    if saved_epochs is not None and saved_epochs != args.epochs:
+        # The scheduler state restored above keeps the cosine of the first run.
+        logger.warning(
+            "checkpoint %s belongs to a run of %d epoch(s) and this run has --epochs %d: the learning-rate "
+            "schedule of the checkpoint is kept, so epochs after %d run at the minimum lr. To train "
+            "with a longer schedule, start a new run (with --finetune %s for its weights)",
+            path, saved_epochs, args.epochs, saved_epochs, path,
+        )
+
     epoch = int(checkpoint["epoch"])
     rng_states = checkpoint.get("rng_states")
     if rng_states is not None and len(rng_states) != world_size:
@@ -585,7 +618,8 @@ def load_resume_state(path, model, optimizer, lr_scheduler, grad_scaler, model_e
         )
         rng_states = None
     logger.info("resumed from %s at the end of epoch %d", path, epoch)
-    return epoch + 1, rng_states
+    best_acc1 = {str(label): float(value) for label, value in (checkpoint.get("best_acc1") or {}).items()}
+    return epoch + 1, rng_states, best_acc1
 
 
 def gather_rng_states() -> list[dict]:
@@ -598,7 +632,7 @@ def gather_rng_states() -> list[dict]:
     return gathered
 
 
-def build_checkpoint(model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch, args, rng_states) -> dict:
+def build_checkpoint(model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch, args, rng_states, best_acc1) -> dict:
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -608,12 +642,15 @@ def build_checkpoint(model, optimizer, lr_scheduler, grad_scaler, model_ema, epo
         "epoch": epoch,
         "args": args_to_plain(args),
         "rng_states": rng_states,
+        "best_acc1": dict(best_acc1),
     }
 
 
 def evaluate_only(args, model, resume_path, val_loader, val_count, eval_candidates, device, output_dir) -> int:
     if resume_path is not None:
-        load_supernet_weights(model, extract_state_dict(load_checkpoint_file(resume_path)))
+        checkpoint = load_checkpoint_file(resume_path)
+        check_checkpoint_flags(checkpoint, args, resume_path)
+        load_supernet_weights(model, extract_state_dict(checkpoint))
     amp_dtype = resolve_amp_dtype(device, args.amp, args.amp_dtype)
     results = []
     for label, candidate in eval_candidates:

@@ -173,6 +173,41 @@ def test_truncated_checkpoint_reported(tmp_path):
     assert load_checkpoint_file(output / "checkpoint-1.pth")["epoch"] == 0
 
 
+def test_new_run_keeps_earlier_checkpoint(tmp_path):
+    output = tmp_path / "run"
+    arguments = ["--candfile", write_candidates(tmp_path), "--epochs", "1", "--batch-size", "16",
+                 "--subset-per-class", "4", "--output_dir", output, "--mixup", "0", "--cutmix", "0"]
+    run_train(arguments)
+    latest = output / "checkpoint.pth"
+    data = latest.read_bytes()
+
+    result = run_train(arguments, check=False)
+
+    assert result.returncode == 2
+    assert f"{latest} exists from an earlier run; pass --auto-resume" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert latest.read_bytes() == data
+
+
+def test_resume_keeps_best_and_warns(tmp_path):
+    output = tmp_path / "run"
+    arguments = ["--candfile", write_candidates(tmp_path), "--batch-size", "16", "--subset-per-class", "4",
+                 "--output_dir", output, "--mixup", "0", "--cutmix", "0"]
+    run_train([*arguments, "--epochs", "1"])
+    latest = output / "checkpoint.pth"
+    checkpoint = load_checkpoint_file(latest)
+    assert set(checkpoint["best_acc1"]) == {"smallest", "largest"}
+    # A best top-1 that a few steps of training cannot reach, so only a restored value shows it.
+    checkpoint["best_acc1"] = {"smallest": 99.5, "largest": 99.25}
+    torch.save(checkpoint, latest)
+
+    result = run_train([*arguments, "--epochs", "2", "--auto-resume"])
+
+    assert "belongs to a run of 1 epoch(s) and this run has --epochs 2" in result.stderr
+    assert "(best acc1 99.25)" in result.stderr
+    assert load_checkpoint_file(latest)["best_acc1"] == {"smallest": 99.5, "largest": 99.25}
+
+
 def test_candidate_not_fitting_rejected(tmp_path):
     oversized = dict(CANDIDATES)
     oversized["0.6"] = [
@@ -351,3 +386,23 @@ def test_nonfinite_loss_aborts(tmp_path, caplog):
     assert "non-finite for 2 consecutive steps" in caplog.text
     assert "--no-amp" in caplog.text
     assert str(output / "checkpoint.pth") in caplog.text
+
+
+def test_interrupt_names_resume_command(tmp_path, caplog, monkeypatch):
+    import train
+
+    output = tmp_path / "run"
+    parsed = train.get_args_parser().parse_args([*COMMON_ARGS, "--output_dir", str(output), "--epochs", "1"])
+
+    def interrupted_run(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted_run)
+    without_checkpoint = train.main(parsed)
+    (output / "checkpoint.pth").write_bytes(b"")
+    with_checkpoint = train.main(parsed)
+
+    assert without_checkpoint == 130
+    assert with_checkpoint == 130
+    assert "training interrupted; to continue it, restart the run, because no checkpoint was written yet" in caplog.text
+    assert f"resume with --resume {output / 'checkpoint.pth'}" in caplog.text
