@@ -105,9 +105,8 @@ def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, f
     # TODO: the fused path, padding included, is only tested on the CPU against a dense reference;
     # it has not run on a GPU yet.
     padding = -width % 8
-    if padding:
-        features = F.pad(features, (0, padding))
-    features = features.expand(batch, heads, tokens, -1)
+    # No branch on the padding: under torch.jit.trace it is a traced value, not a Python int.
+    features = F.pad(features, (0, padding)).expand(batch, heads, tokens, -1)
 
     # Token i uses the 2 * (grid + 1) table rows rel_index[:, i], so its scores are one small
     # product per token over all images and heads. On the 2-core test machine that took half the
@@ -115,10 +114,7 @@ def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, f
     key_tables = _token_tables(rel_k_table, rel_index)
     q_tokens = q.permute(2, 0, 1, 3).reshape(tokens, batch * heads, head_dim)
     q_table = torch.bmm(q_tokens, key_tables.transpose(1, 2)).view(tokens, batch, heads, -1).permute(1, 2, 0, 3)
-    q_parts = [q, q_table]
-    if padding:
-        q_parts.append(q.new_zeros(batch, heads, tokens, padding))
-    q = torch.cat(q_parts, dim=-1)
+    q = torch.cat([q, q_table, q.new_zeros(batch, heads, tokens, padding)], dim=-1)
     v = torch.cat([v, features], dim=-1)
     if fused:
         out = F.scaled_dot_product_attention(q, torch.cat([k, features], dim=-1), v, dropout_p=dropout, scale=1.0)
