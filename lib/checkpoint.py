@@ -33,7 +33,9 @@ _MAX_KEYS_LISTED = 8
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _REL_TABLE_KEY = re.compile(r"^blocks\.\d+\.attn\.rel_pos_embed_[kv]\.embeddings_table_[vh]$")
 # The message part in which torch's weights-only unpickler names a rejected class.
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch words it "Unsupported global: GLOBAL module.Class" for a class that could be allowed, and
+# "unsupported GLOBAL module.name whose module ... is blocked" for blocked modules such as posix.
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 
 
 class CheckpointError(RuntimeError):
@@ -48,6 +50,8 @@ def load_checkpoint_file(path: str | Path) -> dict:
             tensors, plain data and ``argparse.Namespace``, or is not a dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the checkpoint file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; check the path")
 
@@ -58,14 +62,16 @@ def load_checkpoint_file(path: str | Path) -> dict:
         disallowed = _UNSUPPORTED_GLOBAL.search(str(error))
         if disallowed:
             raise CheckpointError(
-                f"checkpoint {path} contains an object of class {disallowed.group(1)}, which a "
-                "weights-only load rejects; only tensors, plain data and argparse.Namespace are "
-                "allowed, so re-save it with plain data"
+                f"checkpoint {path} refers to {disallowed.group(1)}, which a weights-only load "
+                "rejects, so nothing in the file was run; only tensors, plain data and "
+                "argparse.Namespace are allowed, so re-save it with plain data"
             ) from error
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({error}); use an earlier checkpoint"
         ) from error
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, zipfile.BadZipFile) as error:
+        # A file that is not a torch checkpoint at all (text, for example) surfaces as a KeyError
+        # or IndexError from the unpickler.
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
             "use an earlier checkpoint"

@@ -71,6 +71,40 @@ def test_load_rejects_other_objects(tmp_path):
     assert "pathlib" in str(error.value)
 
 
+class _RunsCommand:
+    """A pickle payload that would run a shell command if it were ever unpickled without restrictions."""
+
+    def __reduce__(self):
+        return os.system, ("touch should-never-exist",)
+
+
+def test_load_rejects_blocked_function(tmp_path):
+    path = tmp_path / "malicious.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "payload": _RunsCommand()}, path)
+
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint_file(path)
+
+    assert f"checkpoint {path} refers to posix.system" in str(error.value)
+    assert "nothing in the file was run" in str(error.value)
+    assert not (Path.cwd() / "should-never-exist").exists()
+
+
+@pytest.mark.parametrize("content", [b"hello, a text file named like a checkpoint\n", b"{"])
+def test_text_file_reported_as_corrupt(tmp_path, content):
+    path = tmp_path / "notes.pth"
+    path.write_bytes(content)
+
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as error:
+        load_checkpoint_file(path)
+    assert str(path) in str(error.value)
+
+
+def test_directory_reported_as_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory; pass the checkpoint file inside it"):
+        load_checkpoint_file(tmp_path)
+
+
 def test_namespace_allowed_only_during_load(tmp_path):
     path = tmp_path / "released.pth"
     torch.save({"args": argparse.Namespace(lr=5e-4)}, path)
