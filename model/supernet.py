@@ -156,9 +156,9 @@ class Supernet(nn.Module):
         abs_pos: bool = True,
     ) -> None:
         super().__init__()
-        if change_qkv and 64 * num_heads != embed_dim:
+        if change_qkv and 64 * num_heads > embed_dim:
             raise ValueError(
-                f"with change_qkv the supernet embed dim must be 64 x num heads, "
+                f"with change_qkv the supernet embed dim must be at least 64 x num heads, "
                 f"got embed_dim={embed_dim} and num_heads={num_heads}"
             )
         self.img_size = img_size

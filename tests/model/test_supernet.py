@@ -357,3 +357,21 @@ def test_bfloat16_autocast_close_to_float32():
     assert logits.dtype == torch.bfloat16
     assert torch.allclose(logits.float(), reference, atol=5e-2, rtol=5e-2)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_embed_dim_above_64_per_head():
+    # The search-space check allows 64 * NUM_HEADS <= EMBED_DIM; the relative-position tables
+    # are then wider than the heads and are sliced to 64 columns.
+    torch.manual_seed(0)
+    model = Supernet(img_size=32, patch_size=8, num_classes=10, embed_dim=192, depth=3, num_heads=2, mlp_ratio=4.0,
+                     gp=True, relative_position=True, change_qkv=True).eval()
+    candidate = {"layer_num": 2, "embed_dim": [160, 160], "mlp_ratio": [3.0, 4.0], "num_heads": [2, 1]}
+    model.set_subnet(candidate)
+    images = torch.randn(3, 3, 32, 32)
+
+    exported = export_subnet(model, candidate)
+
+    assert torch.allclose(model(images), exported(images), atol=1e-6)
+    assert model.num_params(candidate) == sum(parameter.numel() for parameter in exported.parameters())
+    with pytest.raises(ValueError, match="at least 64 x num heads"):
+        Supernet(embed_dim=192, depth=1, num_heads=4, change_qkv=True)
