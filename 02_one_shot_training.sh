@@ -16,7 +16,8 @@
 # MASTER_ADDR [127.0.0.1], MASTER_PORT [29500; with one node and neither set, a free port],
 # DATA_PATH [../datas/imagenet; demo: the digits cache], DEVICE [cuda; demo cpu]. CFG, CANDFILE
 # and OUTPUT_DIR override the per-space files. DRY_RUN=1 prints the
-# command instead of running it. Arguments after the space name go to train.py and override
+# command instead of running it. A second start with the same OUTPUT_DIR continues the run there
+# (--auto-resume); set OUTPUT_DIR to another folder for a new run. Arguments after the space name go to train.py and override
 # the recipe, because argparse keeps the last value of a repeated flag.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -91,9 +92,19 @@ else
             --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
 fi
 
+# One process on one node needs no launcher. Without torchrun, an error in train.py ends with its
+# own one-line message and no second traceback from the launcher.
+if [ "$NPROC" = 1 ] && [ "${NNODES:-1}" = 1 ]; then
+    LAUNCHER=("${PYTHON:-python}")
+else
+    LAUNCHER=("${PYTHON:-python}" -m torch.distributed.run "${LAUNCH[@]}")
+fi
+
+# --auto-resume: running the script again after a stop continues the run in OUTPUT_DIR.
 COMMAND=(
-    "${PYTHON:-python}" -m torch.distributed.run "${LAUNCH[@]}"
+    "${LAUNCHER[@]}"
     train.py
+    --auto-resume
     --gp --change_qk --relative_position --mode super --dist-eval
     --group-by-dim --group-by-depth
     "${RECIPE[@]}"

@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from lib import distributed
 from lib.allocator import keep_freed_memory
+from lib.argtypes import non_negative_float, positive_float, rate_below_one
 from lib.checkpoint import (
     CheckpointError,
     adapt_for_finetune,
@@ -102,14 +104,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("model averaging")
     group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                        help="keep an exponential moving average of the supernet weights (default: off)")
-    group.add_argument("--model-ema-decay", type=float, default=0.99996, help="EMA decay per step (default 0.99996)")
+    group.add_argument("--model-ema-decay", type=rate_below_one, default=0.99996, help="EMA decay per step (default 0.99996)")
     group.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA weights on the CPU")
 
     group = parser.add_argument_group("optimizer")
     group.add_argument("--opt", default="adamw", help="timm optimizer name (default adamw)")
     group.add_argument("--opt-eps", type=float, default=1e-8, help="optimizer epsilon (default 1e-8)")
     group.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas (default: the optimizer's)")
-    group.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+    group.add_argument("--clip-grad", type=positive_float, default=None, metavar="NORM",
                        help="clip the global gradient norm to NORM (default: no clipping)")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     group.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (default 0.05)")
@@ -134,12 +136,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="update the learning rate after every step instead of every epoch")
 
     group = parser.add_argument_group("regularisation")
-    group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")
+    group.add_argument("--smoothing", type=rate_below_one, default=0.1, help="label smoothing (default 0.1)")
     group.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction, default=True,
                        help="repeated augmentation: with several processes each image appears 3 times per "
                             "epoch, on different processes (default: on)")
-    group.add_argument("--mixup", type=float, default=0.8, help="mixup alpha; 0 turns mixup off (default 0.8)")
-    group.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha; 0 turns cutmix off (default 1.0)")
+    group.add_argument("--mixup", type=non_negative_float, default=0.8, help="mixup alpha; 0 turns mixup off (default 0.8)")
+    group.add_argument("--cutmix", type=non_negative_float, default=1.0, help="cutmix alpha; 0 turns cutmix off (default 1.0)")
     group.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, help="cutmix min/max box ratio")
     group.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch (default 1)")
     group.add_argument("--mixup-switch-prob", type=float, default=0.5,
@@ -212,6 +214,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--group-by-dim, --group-by-depth and --shuffle need --candfile")
     if args.eval and not (args.resume or args.auto_resume or args.finetune):
         raise UsageError("--eval needs trained weights: pass --resume CHECKPOINT")
+    if args.resume and args.finetune:
+        raise UsageError(
+            "--resume continues a run and --finetune starts a new one from other weights; pass one of them"
+        )
+    if args.cutmix_minmax is not None:
+        low_high = args.cutmix_minmax
+        if len(low_high) != 2 or not 0.0 < low_high[0] < low_high[1] <= 1.0:
+            raise UsageError(
+                f"--cutmix-minmax takes two box ratios MIN MAX with 0 < MIN < MAX <= 1, got {low_high}"
+            )
+    if args.opt_betas is not None and (len(args.opt_betas) != 2 or not all(0.0 <= beta < 1.0 for beta in args.opt_betas)):
+        raise UsageError(f"--opt-betas takes two values in [0, 1), got {args.opt_betas}")
 
     for flag, path in (("--resume", args.resume), ("--finetune", args.finetune), ("--candfile", args.candfile)):
         if path and not Path(path).is_file():
@@ -219,11 +233,26 @@ def check_args(args: argparse.Namespace) -> None:
 
     # A new run would overwrite the checkpoint of the earlier one and append to its log.
     latest = Path(args.output_dir) / LATEST_CHECKPOINT
+    if args.eval and args.auto_resume and not (args.resume or args.finetune) and not latest.exists():
+        raise UsageError(f"--eval --auto-resume found no {latest}, so there are no trained weights to evaluate")
     if not args.eval and not (args.resume or args.auto_resume) and latest.exists():
         raise UsageError(
             f"{latest} exists from an earlier run; pass --auto-resume to continue that run, or pass "
             f"another --output_dir (or delete {latest}) to start a new one"
         )
+
+
+def output_dir_problem(text: str) -> str | None:
+    """Create the run folder ``text``; return why it cannot be used, or None when it can."""
+    if not str(text).strip():
+        return "--output_dir is empty; pass the folder for checkpoints and logs"
+    try:
+        Path(text).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"--output_dir {text} cannot be created ({error.strerror or error}); pass a folder you can write to"
+    if not os.access(text, os.W_OK):
+        return f"--output_dir {text} is not writable; pass a folder you can write to"
+    return None
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -232,6 +261,12 @@ def mixup_active(args: argparse.Namespace) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     keep_freed_memory()
+    problem = output_dir_problem(args.output_dir)
+    if problem:
+        # Checked before logging starts, because the log file goes into this folder.
+        logging.basicConfig(level=logging.INFO)
+        logger.error("%s", problem)
+        return 2
     context = distributed.init_distributed(args.device)
     output_dir = Path(args.output_dir)
     setup_logging(context.rank, output_dir)
@@ -289,13 +324,14 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
         retrain_subnet = resolve_retrain_subnet(args, space, model)
     candidates.sort(key=lambda item: model.num_params(item[1]))
 
-    if args.finetune and not (args.resume or args.auto_resume):
+    resume_path = find_resume_checkpoint(args, output_dir)
+    # With --auto-resume, --finetune starts the run and a later restart resumes its checkpoint.
+    if args.finetune and resume_path is None:
         load_finetune_weights(model, args.finetune)
 
     train_loader, val_loader = build_loaders(args, context, dataset_train, dataset_val)
     eval_candidates = select_eval_candidates(args, candidates, space, retrain_subnet, model)
 
-    resume_path = find_resume_checkpoint(args, output_dir)
     if args.eval:
         return evaluate_only(args, model, resume_path, val_loader, len(dataset_val), eval_candidates, device, output_dir)
 
@@ -348,6 +384,7 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
         restore_rng_state(rng_states[context.rank])
 
     metrics = MetricsWriter(output_dir, enabled=context.is_main, tensorboard=args.tensorboard)
+    metrics.drop_from(start_epoch)
     nonfinite = NonFiniteTracker(max_consecutive=args.max_nonfinite)
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
@@ -381,13 +418,15 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
 
         rng_states = gather_rng_states()
         if context.is_main:
+            # The log line goes first: a kill between the two leaves a line that the resumed run
+            # drops and writes again, whereas a checkpoint without its line would lose the line.
+            metrics.write(epoch, scalars)
             state = build_checkpoint(
                 model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch, args, rng_states, best_acc1,
             )
             save_checkpoint(state, output_dir / LATEST_CHECKPOINT)
             if (epoch + 1) % args.save_freq == 0:
                 save_checkpoint(state, output_dir / f"checkpoint-{epoch + 1}.pth")
-            metrics.write(epoch, scalars)
         distributed.barrier()
 
     metrics.close()

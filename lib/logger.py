@@ -13,6 +13,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from lib.fileio import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 LOG_FILE_NAME = "run.log"
@@ -82,6 +84,25 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
+
+    def drop_from(self, epoch: int) -> None:
+        """Remove the lines of ``epoch`` and later epochs from ``log.txt``, and any unreadable line.
+
+        A run that starts or resumes at ``epoch`` calls it first. Lines of epochs that it is
+        about to run again came from a run stopped after writing them (or from an earlier run in
+        the folder), and a line cut short by a kill cannot be read.
+        """
+        if not self.enabled or not self.log_path.exists():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < epoch:
+                kept.append(line + "\n")
+        write_text_atomic(self.log_path, "".join(kept))
 
     def write(self, epoch: int, scalars: Mapping[str, float], extra: Mapping | None = None) -> None:
         """Append one JSON line for ``epoch`` and log the numeric ``scalars`` at step ``epoch``.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
+from lib.argtypes import positive_int, rate_below_one
 from lib.checkpoint import CheckpointError
+from lib.config import ConfigError
 from model.supernet import Supernet
 
 
@@ -13,8 +15,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Add the supernet flags shared by search.py, train.py and evaluate.py (the reference's names)."""
     group = parser.add_argument_group("supernet")
     group.add_argument("--cfg", required=False, help="search-space YAML whose SUPERNET block sets the supernet size")
-    group.add_argument("--input-size", type=int, default=224, help="input height and width in pixels (default 224)")
-    group.add_argument("--patch_size", type=int, default=16, help="patch height and width in pixels (default 16)")
+    group.add_argument("--input-size", type=positive_int, default=224, help="input height and width in pixels (default 224)")
+    group.add_argument("--patch_size", type=positive_int, default=16, help="patch height and width in pixels (default 16)")
     group.add_argument("--gp", action="store_true", help="classify the mean of the patch tokens instead of the cls token")
     group.add_argument(
         "--change_qkv",
@@ -25,19 +27,28 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--relative_position", action="store_true", help="add 2D relative-position terms in attention")
     group.add_argument(
-        "--max_relative_position", type=int, default=14, help="clip of relative distances in patches (default 14)"
+        "--max_relative_position", type=positive_int, default=14, help="clip of relative distances in patches (default 14)"
     )
     group.add_argument(
         "--no_abs_pos", dest="abs_pos", action="store_false", help="drop the learned absolute position embedding"
     )
-    group.add_argument("--drop", type=float, default=0.0, help="dropout rate at the supernet embed dim (default 0)")
+    group.add_argument("--drop", type=rate_below_one, default=0.0, help="dropout rate at the supernet embed dim (default 0)")
     group.add_argument(
-        "--drop-path", type=float, default=0.1, help="stochastic-depth rate of the last block (default 0.1)"
+        "--drop-path", type=rate_below_one, default=0.1, help="stochastic-depth rate of the last block (default 0.1)"
     )
 
 
 def create_supernet(args: argparse.Namespace, supernet_config, num_classes: int) -> Supernet:
-    """Build the supernet that ``supernet_config`` (a ``lib.config.SupernetConfig``) and the flags describe."""
+    """Build the supernet that ``supernet_config`` (a ``lib.config.SupernetConfig``) and the flags describe.
+
+    Raises:
+        ConfigError: ``--input-size`` is not a multiple of ``--patch_size``.
+    """
+    if args.input_size % args.patch_size:
+        raise ConfigError(
+            f"--input-size {args.input_size} is not a multiple of --patch_size {args.patch_size}; "
+            "change one of them so that the patches tile the image"
+        )
     return Supernet(
         img_size=args.input_size,
         patch_size=args.patch_size,

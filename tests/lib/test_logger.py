@@ -42,3 +42,16 @@ def test_setup_logging_levels(tmp_path):
         assert len(logging.getLogger().handlers) == handlers
     finally:
         setup_logging(rank=0)
+
+
+def test_drop_from_keeps_earlier_epochs(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    for epoch in range(3):
+        writer.write(epoch, {"train/loss": float(epoch)})
+    with (tmp_path / "log.txt").open("a") as handle:
+        handle.write('{"epoch": 3, "train_lo')  # a line cut short by a kill
+
+    writer.drop_from(2)
+
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]

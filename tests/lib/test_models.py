@@ -49,3 +49,14 @@ def test_released_namespace_args_read():
     saved.no_abs_pos = True
     with pytest.raises(CheckpointError, match="--no_abs_pos in the checkpoint, no --no_abs_pos here"):
         check_checkpoint_flags({"args": saved}, parse("--gp", "--change_qkv", "--relative_position"), "released.pth")
+
+
+def test_input_size_not_multiple_of_patch_rejected():
+    from lib.config import ConfigError, load_space
+    from lib.models import create_supernet
+
+    space = load_space("experiments/supernet/supernet-demo.yaml")
+    args = parse("--input-size", "33", "--patch_size", "8", "--change_qkv")
+
+    with pytest.raises(ConfigError, match="--input-size 33 is not a multiple of --patch_size 8"):
+        create_supernet(args, space.supernet, 10)

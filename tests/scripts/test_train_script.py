@@ -253,6 +253,9 @@ def test_candidate_too_deep_rejected(tmp_path):
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--amp-dtype", "float16"], "float16 autocast is not supported for CPU"),
         (["--resume", "missing.pth"], "missing.pth not found"),
+        (["--cutmix-minmax", "0.5"], "--cutmix-minmax takes two box ratios MIN MAX"),
+        (["--opt-betas", "0.9", "0.99", "0.999"], "--opt-betas takes two values in [0, 1)"),
+        (["--eval", "--auto-resume"], "--eval --auto-resume found no"),
     ],
 )
 def test_invalid_arguments_rejected(tmp_path, caplog, arguments, message):
@@ -406,3 +409,68 @@ def test_interrupt_names_resume_command(tmp_path, caplog, monkeypatch):
     assert with_checkpoint == 130
     assert "training interrupted; to continue it, restart the run, because no checkpoint was written yet" in caplog.text
     assert f"resume with --resume {output / 'checkpoint.pth'}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--clip-grad", "-1"], ["--clip-grad", "0"], ["--smoothing", "1.5"], ["--drop", "2"], ["--drop-path", "5"],
+     ["--patch_size", "0"], ["--mixup", "-1"], ["--model-ema-decay", "2"]],
+)
+def test_out_of_range_flags_rejected(arguments, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.get_args_parser().parse_args([*COMMON_ARGS, *arguments])
+
+    assert exit_info.value.code == 2
+    assert f"argument {arguments[0]}" in capsys.readouterr().err
+
+
+def test_resume_and_finetune_together_rejected(tmp_path, caplog):
+    import train
+
+    checkpoint = tmp_path / "weights.pth"
+    checkpoint.write_bytes(b"")
+    parsed = train.get_args_parser().parse_args(
+        [*COMMON_ARGS, "--output_dir", str(tmp_path / "run"), "--resume", str(checkpoint), "--finetune", str(checkpoint)]
+    )
+
+    assert train.main(parsed) == 2
+    assert "pass one of them" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["empty", "under_a_file"])
+def test_unusable_output_dir_rejected(tmp_path, caplog, monkeypatch, kind):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    output_dir = "" if kind == "empty" else str(blocker / "run")
+    parsed = train.get_args_parser().parse_args([*COMMON_ARGS, "--output_dir", output_dir, "--epochs", "1"])
+
+    assert train.main(parsed) == 2
+    expected = "--output_dir is empty" if kind == "empty" else f"--output_dir {output_dir} cannot be created"
+    assert expected in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_finetune_used_when_auto_resume_finds_nothing(tmp_path, caplog, monkeypatch):
+    import train
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    loaded = []
+
+    def record_and_stop(model, path):
+        loaded.append(path)
+        raise train.UsageError("stopped after loading the fine-tuning weights")
+
+    monkeypatch.setattr(train, "load_finetune_weights", record_and_stop)
+    parsed = train.get_args_parser().parse_args(
+        [*COMMON_ARGS, "--output_dir", str(tmp_path / "run"), "--finetune", str(weights), "--auto-resume",
+         "--subset-per-class", "2", "--epochs", "1"]
+    )
+
+    assert train.main(parsed) == 2
+    assert loaded == [str(weights)]
