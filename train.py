@@ -647,6 +647,12 @@ def load_resume_state(path, args, model, optimizer, lr_scheduler, grad_scaler, m
             "with a longer schedule, start a new run (with --finetune %s for its weights)",
             path, saved_epochs, args.epochs, saved_epochs, path,
         )
+    changed = changed_settings(saved_args, args) if isinstance(saved_args, dict) else []
+    if changed:
+        logger.warning(
+            "checkpoint %s was written with other settings (%s); this run goes on with the new values, "
+            "and config.yaml now records them", path, "; ".join(changed),
+        )
 
     epoch = int(checkpoint["epoch"])
     rng_states = checkpoint.get("rng_states")
@@ -659,6 +665,24 @@ def load_resume_state(path, args, model, optimizer, lr_scheduler, grad_scaler, m
     logger.info("resumed from %s at the end of epoch %d", path, epoch)
     best_acc1 = {str(label): float(value) for label, value in (checkpoint.get("best_acc1") or {}).items()}
     return epoch + 1, rng_states, best_acc1
+
+
+# Settings whose change during a run alters what is trained, compared on resume. --epochs has its
+# own warning, and paths of data and outputs may move between machines.
+RESUME_SETTINGS = (
+    "cfg", "candfile", "mode", "batch_size", "lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay",
+    "opt", "sandwich", "smoothing", "mixup", "cutmix", "drop_path", "data_set", "input_size", "seed",
+)
+
+
+def changed_settings(saved: dict, args: argparse.Namespace) -> list[str]:
+    """List the settings of RESUME_SETTINGS that differ between a checkpoint's arguments and ``args``."""
+    current = args_to_plain(args)
+    return [
+        f"{name} {saved[name]!r} then, {current[name]!r} now"
+        for name in RESUME_SETTINGS
+        if name in saved and name in current and saved[name] != current[name]
+    ]
 
 
 def gather_rng_states() -> list[dict]:

@@ -201,9 +201,10 @@ def test_resume_keeps_best_and_warns(tmp_path):
     checkpoint["best_acc1"] = {"smallest": 99.5, "largest": 99.25}
     torch.save(checkpoint, latest)
 
-    result = run_train([*arguments, "--epochs", "2", "--auto-resume"])
+    result = run_train([*arguments, "--epochs", "2", "--auto-resume", "--lr", "1e-3"])
 
     assert "belongs to a run of 1 epoch(s) and this run has --epochs 2" in result.stderr
+    assert "was written with other settings (lr 0.0005 then, 0.001 now)" in result.stderr
     assert "(best acc1 99.25)" in result.stderr
     assert load_checkpoint_file(latest)["best_acc1"] == {"smallest": 99.5, "largest": 99.25}
 
