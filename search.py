@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -41,12 +42,12 @@ from lib.argtypes import non_negative_int, positive_int
 from lib.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_supernet_weights
 from lib.choices import derive_preferred_space, write_preferred_space
 from lib.config import ConfigError, load_search_space, save_interval_candidates
-from lib.datasets import DataError, add_data_args, build_dataset
+from lib.datasets import SUBSET_LIST_NAME, DataError, add_data_args, build_dataset, default_cache_dir
 from lib.distributed import DistributedError
 from lib.entry import run_entry_point
 from lib.evolution import EvolutionSettings, evolution_search, random_search
-from lib.fileio import write_text_atomic
-from lib.logger import setup_logging
+from lib.fileio import file_write_problem, folder_write_problem, write_text_atomic
+from lib.logger import LOG_FILE_NAME, setup_logging
 from lib.models import add_model_args, create_supernet
 from lib.proxy import (
     BLOCK_SCORE_METHODS,
@@ -177,7 +178,11 @@ def resolve_num_classes(args: argparse.Namespace, checkpoint_state: dict | None,
     counts = set(sources.values())
     if len(counts) > 1:
         listing = ", ".join(f"{source}: {count}" for source, count in sources.items())
-        raise UsageError(f"the class counts disagree ({listing}); make them match or drop --nb-classes")
+        if args.nb_classes is not None:
+            fix = "make --nb-classes match the checkpoint or drop it"
+        else:
+            fix = "resume from a checkpoint trained on this --data-set, or pass the --data-set it was trained on"
+        raise UsageError(f"the class counts disagree ({listing}); {fix}")
     return counts.pop() if counts else DEFAULT_NUM_CLASSES
 
 
@@ -237,6 +242,86 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--grad-batches applies to the gradient on data; drop it or drop --data-free")
     if not args.data_free and args.nb_classes is not None:
         raise UsageError("--nb-classes applies to --data-free; with data the training set sets the class count")
+
+
+def output_files(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Return (description, path) of every file this run writes: the three outputs and those in --output_dir."""
+    outputs = [("--interval-cands-output", args.interval_cands_output)]
+    if args.scores_output:
+        outputs.append(("--scores-output", args.scores_output))
+    if args.choices_output:
+        outputs.append(("--choices-output", args.choices_output))
+    if args.output_dir is not None:
+        outputs.append((f"the log file {LOG_FILE_NAME} in --output_dir", os.path.join(args.output_dir, LOG_FILE_NAME)))
+        if not args.data_free and (args.subset_per_class is not None or args.data_set == "EVO_IMNET"):
+            outputs.append((f"the subset file list {SUBSET_LIST_NAME} in --output_dir",
+                            os.path.join(args.output_dir, SUBSET_LIST_NAME)))
+    return outputs
+
+
+def _resolve(path: str) -> Path:
+    """Return ``path`` absolute with symbolic links followed, or only absolute where they loop."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Return True if two resolved paths name one file, hard links included."""
+    if first == second:
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Reject, before any work, outputs that collide or overwrite an input, and locations that cannot be written."""
+    inputs = [("--cfg", args.cfg)] + ([("--resume", args.resume)] if args.resume else [])
+    resolved_inputs = [(flag, _resolve(path)) for flag, path in inputs]
+    # (description, path as given, resolved path, whether it is written as a file rather than a folder)
+    seen: list[tuple[str, str, Path, bool]] = []
+    if args.output_dir is not None:
+        seen.append(("--output_dir", args.output_dir, _resolve(args.output_dir), False))
+    for description, path in output_files(args):
+        resolved = _resolve(path)
+        for input_flag, input_path in resolved_inputs:
+            if _same_file(resolved, input_path):
+                raise UsageError(f"{description} {path} is the {input_flag} input file, which the search would "
+                                 f"overwrite; choose another output path")
+        for earlier, earlier_path, earlier_resolved, earlier_is_file in seen:
+            if _same_file(resolved, earlier_resolved):
+                raise UsageError(f"{earlier} and {description} both name {path}, so one would overwrite the other; "
+                                 f"give each output its own path")
+            if earlier_is_file and earlier_resolved in resolved.parents:
+                raise UsageError(f"{description} {path} lies inside {earlier} {earlier_path}, which is written as a "
+                                 f"file; choose output paths that do not nest")
+            if resolved in earlier_resolved.parents:
+                raise UsageError(f"{earlier} {earlier_path} lies inside {description} {path}, which is written as a "
+                                 f"file; choose output paths that do not nest")
+        seen.append((description, path, resolved, True))
+
+    if args.output_dir is not None:
+        problem = folder_write_problem(args.output_dir)
+        if problem:
+            raise UsageError(f"--output_dir {args.output_dir} cannot hold {LOG_FILE_NAME}: {problem}; "
+                             f"choose another --output_dir")
+    for description, path in output_files(args):
+        problem = file_write_problem(path)
+        if problem:
+            raise UsageError(f"{description} {path} cannot be written: {problem}; choose another path")
+    if not args.data_free and args.data_set == "DIGITS":
+        # The digits are built on first use. A path that exists is read as a build, and build_digits
+        # reports one that is incomplete or not a folder.
+        if args.data_path:
+            description, folder = "--data-path", Path(args.data_path).expanduser()
+        else:
+            description, folder = "the digits cache folder (set by $PRENAS_CACHE)", default_cache_dir() / "digits"
+        problem = None if os.path.lexists(folder) else folder_write_problem(folder)
+        if problem:
+            raise UsageError(f"{description} {folder} cannot be created: {problem}; choose another --data-path")
 
 
 def run_search(args, choices: Choices, score, cost, grid: IntervalGrid, head_scores, mlp_scores) -> SearchResult:
@@ -351,14 +436,29 @@ def write_outputs(args: argparse.Namespace, result: SearchResult, costs: Costs) 
             f"{c['num_params']:.3f} M, score {c['score']:.6g}, depth {c['layer_num']}, embed dim {c['embed_dim'][0]}"
             for c in candidates))
 
-    written = [f"interval candidates to {args.interval_cands_output}"]
-    save_interval_candidates(args.interval_cands_output, mapping)
+    written = []
+
+    @contextmanager
+    def writing(flag: str, path: str):
+        try:
+            yield
+        except OSError as error:
+            written_note = f" (already wrote {', '.join(written)})" if written else ""
+            raise UsageError(f"cannot write {flag} {path}: {error.strerror or error}{written_note}; "
+                             f"free space or choose another path and run the search again") from error
+
+    with writing("--interval-cands-output", args.interval_cands_output):
+        save_interval_candidates(args.interval_cands_output, mapping)
+    written.append(f"interval candidates to {args.interval_cands_output}")
     if args.scores_output:
         flops = costs.flops(result.candidates)
-        write_text_atomic(Path(args.scores_output), scores_lines(result, costs.grid, params, flops))
+        with writing("--scores-output", args.scores_output):
+            write_text_atomic(Path(args.scores_output), scores_lines(result, costs.grid, params, flops))
         written.append(f"{len(result.candidates)} scores to {args.scores_output}")
     if args.choices_output:
-        write_preferred_space(args.choices_output, derive_preferred_space(mapping), force=True)
+        # check_paths has made sure that this is neither --cfg nor another output.
+        with writing("--choices-output", args.choices_output):
+            write_preferred_space(args.choices_output, derive_preferred_space(mapping), force=True)
         written.append(f"the preferred space to {args.choices_output}")
     return written
 
@@ -366,6 +466,7 @@ def write_outputs(args: argparse.Namespace, result: SearchResult, costs: Costs) 
 def search(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     check_args(args)
+    check_paths(args)
     context = distributed.init_distributed(args.device)
     setup_logging(context.rank, args.output_dir)
     logger.info("arguments: %s", vars(args))

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -54,6 +53,7 @@ from lib.config import ConfigError, load_interval_candidates, load_space
 from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError, ShardSampler
 from lib.engine import NonFiniteLossError, NonFiniteTracker, evaluate, resolve_amp_dtype, train_one_epoch
+from lib.fileio import folder_write_problem
 from lib.logger import MetricsWriter, setup_logging
 from lib.models import add_model_args, check_checkpoint_flags, create_supernet
 from lib.sampling import (
@@ -243,15 +243,12 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def output_dir_problem(text: str) -> str | None:
-    """Create the run folder ``text``; return why it cannot be used, or None when it can."""
+    """Return why the run folder ``text`` cannot be used, or None when it can; creates nothing."""
     if not str(text).strip():
         return "--output_dir is empty; pass the folder for checkpoints and logs"
-    try:
-        Path(text).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        return f"--output_dir {text} cannot be created ({error.strerror or error}); pass a folder you can write to"
-    if not os.access(text, os.W_OK):
-        return f"--output_dir {text} is not writable; pass a folder you can write to"
+    problem = folder_write_problem(text)
+    if problem:
+        return f"--output_dir {text} cannot be used: {problem}; pass a folder you can write to"
     return None
 
 

@@ -1,6 +1,7 @@
 """Atomic file writes: a temporary file in the target folder, then a rename over the target.
 
 A run killed half-way leaves either the previous file or the new one, never a truncated file.
+``file_write_problem`` and ``folder_write_problem`` check a location before a long run writes there.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 
 def write_text_atomic(path: Union[str, os.PathLike], text: str) -> Path:
@@ -20,11 +21,57 @@ def write_text_atomic(path: Union[str, os.PathLike], text: str) -> Path:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         # mkstemp creates the file readable by its owner only; give it the usual umask mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def default_file_mode() -> int:
+    """Return the mode that ``open()`` gives a new file: 0666 masked by the process umask."""
+    # os.umask can only be read by setting it, so set it and put the old value straight back.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _nearest_existing_folder_problem(path: Path) -> Optional[str]:
+    """Return why the missing folders above ``path`` cannot be created, or None if they can."""
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not os.path.isdir(ancestor):
+        return f"{ancestor} is not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"folder {ancestor} is not writable"
+    return None
+
+
+def file_write_problem(path: Union[str, os.PathLike]) -> Optional[str]:
+    """Return why ``write_text_atomic(path, ...)`` would fail, or None if it can write there.
+
+    Creates nothing. ``path`` must not be a folder, and its folder must be writable or creatable
+    in the nearest existing folder above it.
+    """
+    path = Path(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a folder, not a file"
+    return _nearest_existing_folder_problem(path)
+
+
+def folder_write_problem(path: Union[str, os.PathLike]) -> Optional[str]:
+    """Return why files cannot be created in folder ``path``, or None if they can.
+
+    Creates nothing. ``path`` must be a writable folder, or be creatable in the nearest existing
+    folder above it.
+    """
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            return "it is not a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "it is not writable"
+        return None
+    return _nearest_existing_folder_problem(path)

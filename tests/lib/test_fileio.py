@@ -1,4 +1,4 @@
-"""Atomic text writes and the argparse converters."""
+"""Atomic text writes, the checks of write locations, and the argparse converters."""
 
 import argparse
 import os
@@ -37,6 +37,38 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
         fileio.write_text_atomic(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_write_problem_none_for_writable_locations(tmp_path):
+    (tmp_path / "old.json").write_text("old")
+    assert fileio.file_write_problem(tmp_path / "new.json") is None
+    assert fileio.file_write_problem(tmp_path / "old.json") is None
+    assert fileio.file_write_problem(tmp_path / "a" / "b" / "new.json") is None
+    assert fileio.folder_write_problem(tmp_path) is None
+    assert fileio.folder_write_problem(tmp_path / "a" / "b") is None
+    assert list(tmp_path.iterdir()) == [tmp_path / "old.json"]
+
+
+def test_write_problem_names_blocking_path(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    assert fileio.file_write_problem(tmp_path / "adir") == "it is a folder, not a file"
+    assert fileio.file_write_problem(tmp_path / "afile" / "out.json") == f"{tmp_path / 'afile'} is not a folder"
+    assert fileio.file_write_problem(tmp_path / "afile" / "a" / "out.json") == f"{tmp_path / 'afile'} is not a folder"
+    assert fileio.folder_write_problem(tmp_path / "afile") == "it is not a folder"
+    assert fileio.folder_write_problem(tmp_path / "afile" / "logs") == f"{tmp_path / 'afile'} is not a folder"
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_write_problem_reports_read_only_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    # os.access grants root everything, so a chmod alone would not make the folder read-only there.
+    monkeypatch.setattr(fileio.os, "access", lambda path, mode: os.fspath(path) != os.fspath(folder))
+    assert fileio.file_write_problem(folder / "out.json") == f"folder {folder} is not writable"
+    assert fileio.file_write_problem(folder / "a" / "out.json") == f"folder {folder} is not writable"
+    assert fileio.folder_write_problem(folder) == "it is not writable"
+    assert fileio.folder_write_problem(tmp_path / "other") is None
 
 
 @pytest.mark.parametrize(

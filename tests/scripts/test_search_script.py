@@ -1,5 +1,6 @@
 """End-to-end tests of search.py and 01_zero_shot_search.sh on small search spaces, on CPU."""
 
+import errno
 import json
 import os
 import subprocess
@@ -183,6 +184,24 @@ def test_resume_rejects_conflicting_class_count(tmp_path, caplog):
     assert code == 2
     assert "class counts disagree" in caplog.text
     assert "supernet.pth: 10" in caplog.text
+    assert "make --nb-classes match the checkpoint or drop it" in caplog.text
+
+
+def test_class_count_hint_without_nb_classes(tmp_path, caplog):
+    model = Supernet(img_size=32, patch_size=4, num_classes=5, embed_dim=128, depth=4, num_heads=2, mlp_ratio=4.0,
+                     gp=True, relative_position=True, change_qkv=True)
+    save_checkpoint({"model": model.state_dict()}, tmp_path / "five.pth")
+    with_data = [argument for argument in DEMO_ARGS if argument not in ("--data-free", "--nb-classes", "10")]
+
+    code = search.main([*with_data, "--data-set", "DIGITS", "--grad-batches", "1", "--aa", "none",
+                        "--num_workers", "0", "--resume", str(tmp_path / "five.pth"),
+                        "--interval-cands-output", str(tmp_path / "out.json")])
+
+    assert code == 2
+    assert "(the training set: 10, checkpoint" in caplog.text
+    assert "resume from a checkpoint trained on this --data-set" in caplog.text
+    assert "--nb-classes" not in caplog.text
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_resume_reports_mismatched_checkpoint(tmp_path, caplog):
@@ -220,6 +239,108 @@ def test_invalid_settings_fail_with_message(tmp_path, caplog, arguments, message
     assert code == 2
     assert message in caplog.text
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("outputs,message", [
+    ({"--interval-cands-output": "out.json", "--scores-output": "out.json"},
+     "--interval-cands-output and --scores-output both name"),
+    ({"--interval-cands-output": "out.json", "--choices-output": "sub/../out.json"},
+     "--interval-cands-output and --choices-output both name"),
+    ({"--interval-cands-output": "c.json", "--output_dir": "logs", "--scores-output": "logs/run.log"},
+     "--scores-output and the log file run.log in --output_dir both name"),
+    ({"--interval-cands-output": "out.json", "--scores-output": "out.json/scores.jsonl"},
+     "lies inside --interval-cands-output"),
+])
+def test_rejects_colliding_outputs(tmp_path, caplog, outputs, message):
+    (tmp_path / "out.json").write_text("earlier run\n")
+    arguments = [part for flag, name in outputs.items() for part in (flag, str(tmp_path / name))]
+
+    code = search.main([*DEMO_ARGS, *arguments])
+
+    assert code == 2
+    assert message in caplog.text
+    assert "data-free gradient" not in caplog.text
+    assert (tmp_path / "out.json").read_text() == "earlier run\n"
+    assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("flag,input_name", [("--choices-output", "space.yaml"), ("--scores-output", "supernet.pth")])
+def test_rejects_output_over_input(tmp_path, caplog, flag, input_name):
+    space = tmp_path / "space.yaml"
+    space.write_bytes(DEMO_CONFIG.read_bytes())
+    model = Supernet(img_size=32, patch_size=4, num_classes=10, embed_dim=128, depth=4, num_heads=2, mlp_ratio=4.0,
+                     gp=True, relative_position=True, change_qkv=True)
+    save_checkpoint({"model": model.state_dict()}, tmp_path / "supernet.pth")
+    checkpoint_bytes = (tmp_path / "supernet.pth").read_bytes()
+    arguments = [argument if argument != str(DEMO_CONFIG) else str(space) for argument in DEMO_ARGS]
+
+    code = search.main([*arguments, "--resume", str(tmp_path / "supernet.pth"),
+                        "--interval-cands-output", str(tmp_path / "out.json"), flag, str(tmp_path / input_name)])
+
+    assert code == 2
+    flag_of_input = "--cfg" if input_name == "space.yaml" else "--resume"
+    assert f"{flag} {tmp_path / input_name} is the {flag_of_input} input file" in caplog.text
+    assert space.read_bytes() == DEMO_CONFIG.read_bytes()
+    assert (tmp_path / "supernet.pth").read_bytes() == checkpoint_bytes
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("flag,name,problem", [
+    ("--interval-cands-output", "afile/out.json", "afile is not a folder"),
+    ("--interval-cands-output", "adir", "it is a folder, not a file"),
+    ("--scores-output", "afile/sub/scores.jsonl", "afile is not a folder"),
+    ("--scores-output", "adir", "it is a folder, not a file"),
+    ("--choices-output", "afile/preferred.yaml", "afile is not a folder"),
+    ("--choices-output", "adir", "it is a folder, not a file"),
+    ("--output_dir", "afile", "it is not a folder"),
+    ("--output_dir", "afile/logs", "afile is not a folder"),
+])
+def test_rejects_unwritable_output_before_search(tmp_path, caplog, flag, name, problem):
+    (tmp_path / "afile").write_text("a file\n")
+    (tmp_path / "adir").mkdir()
+    outputs = {"--interval-cands-output": str(tmp_path / "out.json"), flag: str(tmp_path / name)}
+
+    code = search.main([*DEMO_ARGS, *[part for pair in outputs.items() for part in pair]])
+
+    assert code == 2
+    assert f"{flag} {tmp_path / name} cannot" in caplog.text
+    assert problem in caplog.text
+    assert "choose another" in caplog.text
+    assert "data-free gradient" not in caplog.text
+    assert (tmp_path / "afile").read_text() == "a file\n"
+    assert list((tmp_path / "adir").iterdir()) == []
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_rejects_digits_data_path_under_file(tmp_path, caplog):
+    (tmp_path / "afile").write_text("a file\n")
+    with_data = [argument for argument in DEMO_ARGS if argument not in ("--data-free", "--nb-classes", "10")]
+
+    code = search.main([*with_data, "--data-set", "DIGITS", "--data-path", str(tmp_path / "afile" / "digits"),
+                        "--interval-cands-output", str(tmp_path / "out.json")])
+
+    assert code == 2
+    assert f"--data-path {tmp_path / 'afile' / 'digits'} cannot be created" in caplog.text
+    assert "choose another --data-path" in caplog.text
+    assert (tmp_path / "afile").read_text() == "a file\n"
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_write_failure_is_one_line_error(tmp_path, caplog, monkeypatch):
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(search, "write_text_atomic", full_disk)
+    code = search.main([*DEMO_ARGS, "--interval-cands-output", str(tmp_path / "out.json"),
+                        "--scores-output", str(tmp_path / "scores.jsonl")])
+
+    assert code == 2
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert errors[0].exc_info is None
+    assert f"cannot write --scores-output {tmp_path / 'scores.jsonl'}: No space left on device" in errors[0].message
+    assert f"already wrote interval candidates to {tmp_path / 'out.json'}" in errors[0].message
+    assert load_interval_candidates(tmp_path / "out.json", DEMO_SUPERNET)
 
 
 def test_requires_change_qkv(tmp_path, caplog):

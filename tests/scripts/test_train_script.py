@@ -451,7 +451,7 @@ def test_unusable_output_dir_rejected(tmp_path, caplog, monkeypatch, kind):
     parsed = train.get_args_parser().parse_args([*COMMON_ARGS, "--output_dir", output_dir, "--epochs", "1"])
 
     assert train.main(parsed) == 2
-    expected = "--output_dir is empty" if kind == "empty" else f"--output_dir {output_dir} cannot be created"
+    expected = "--output_dir is empty" if kind == "empty" else f"--output_dir {output_dir} cannot be used: {blocker} is not a folder"
     assert expected in caplog.text
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]
 
