@@ -14,7 +14,9 @@ set and the counts are summed, so each image counts exactly once, with no paddin
 
 ``--output_dir`` receives ``results.json`` (one record per candidate, see ``lib.results``),
 ``pareto.png``, ``args.json`` and ``run.log``; with ``--scores`` also ``proxy_correlation.json``;
-with ``--export-dir`` one standalone subnet folder per candidate.
+with ``--export-dir`` one standalone subnet folder per candidate. Every output but ``run.log`` is
+written after the last candidate is evaluated, so a run that fails earlier leaves the previous
+run's outputs as they were.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lib.checkpoint import CheckpointError, args_to_plain, extract_state_dict, l
 from lib.config import ConfigError, SupernetConfig, format_interval_key, load_interval_candidates, load_space
 from lib.correlation import ScoresError, join_scores, load_scores, proxy_correlation
 from lib.datasets import DataError, add_data_args, build_dataset
+from lib.fileio import folder_write_problem
 from lib.distributed import DistributedError, ShardSampler
 from lib.engine import evaluate
 from lib.entry import run_entry_point
@@ -297,6 +300,21 @@ def export_name(index: int, interval: str | None) -> str:
     return f"{index:02d}" if interval is None else f"{index:02d}_interval-{interval}"
 
 
+def check_output_folder(flag: str, value: str | None) -> None:
+    """Check, without writing anything, that the folder ``value`` of ``flag`` exists or can be created and is writable.
+
+    Raises:
+        EvaluationError: ``value`` is empty, a file, under a file, or in a folder without write permission.
+    """
+    if value is None:
+        return
+    if not value.strip():
+        raise EvaluationError(f"{flag} is empty; pass the folder to write to")
+    problem = folder_write_problem(value)
+    if problem:
+        raise EvaluationError(f"{flag} {value} cannot be used: {problem}; pass a folder you can write to")
+
+
 def _check_classes(dataset_classes: int, model: Supernet, args: argparse.Namespace) -> None:
     if dataset_classes > model.num_classes:
         raise EvaluationError(
@@ -321,6 +339,10 @@ def run(args: argparse.Namespace, context: distributed.DistContext) -> list[dict
 
     space = load_space(args.cfg)
     candidates = load_candidates(args, space)
+    if args.export_dir is not None:
+        # A file where a candidate's export folder goes would otherwise fail only after the evaluation.
+        for index, (interval, _) in enumerate(candidates):
+            check_output_folder("--export-dir", str(Path(args.export_dir) / export_name(index, interval)))
     scores = load_scores(args.scores) if args.scores else None
     dataset, dataset_classes = build_dataset(False, args)
     model = load_supernet(args, space.supernet)
@@ -329,13 +351,7 @@ def run(args: argparse.Namespace, context: distributed.DistContext) -> list[dict
     check_num_params(model, candidates)
 
     output_dir = Path(args.output_dir)
-    export_dir = Path(args.export_dir) if args.export_dir else None
-    if context.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / ARGS_FILE, args_to_plain(args))
-        if export_dir is not None:
-            export_dir.mkdir(parents=True, exist_ok=True)
-
+    export_dir = Path(args.export_dir) if args.export_dir is not None else None
     device = context.device
     model.to(device)
     amp_dtype = autocast_dtype(device, args.amp)
@@ -380,24 +396,32 @@ def write_outputs(
     output_dir: Path,
     export_dir: Path | None,
 ) -> None:
-    """Write results.json, pareto.png, the proxy correlation and the exported subnets, and print the table."""
+    """Write args.json, results.json, pareto.png, the proxy correlation and the exported subnets, and print the table.
+
+    Without ``scores``, a proxy_correlation.json of an earlier run is deleted, since it does not
+    describe these results.
+    """
     correlation = None
     if scores is not None:
         proxy_scores = join_scores(results, scores)
         for result, score in zip(results, proxy_scores):
             result["proxy_score"] = score
         correlation = {"scores_file": str(args.scores), **proxy_correlation(results, proxy_scores)}
-        write_json(output_dir / CORRELATION_FILE, correlation)
         # results.json stays a list of candidate records, as in the reference, so each record
         # carries the coefficients of the whole evaluated set.
         for result in results:
             result["proxy_kendall_tau"] = correlation["kendall_tau"]
             result["proxy_spearman_rho"] = correlation["spearman_rho"]
 
+    write_json(output_dir / ARGS_FILE, args_to_plain(args))
+    if correlation is None:
+        (output_dir / CORRELATION_FILE).unlink(missing_ok=True)
+    else:
+        write_json(output_dir / CORRELATION_FILE, correlation)
     save_results(output_dir / RESULTS_FILE, results)
     plot_pareto(results, output_dir / PARETO_FILE)
     print(format_table(results, correlation), flush=True)
-    written = [output_dir / RESULTS_FILE, output_dir / PARETO_FILE]
+    written = [output_dir / ARGS_FILE, output_dir / RESULTS_FILE, output_dir / PARETO_FILE]
     if correlation is not None:
         written.append(output_dir / CORRELATION_FILE)
 
@@ -412,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def body() -> None:
+        # Before setup_logging creates --output_dir for run.log, and before any data or model is loaded.
+        check_output_folder("--output_dir", args.output_dir)
+        check_output_folder("--export-dir", args.export_dir)
         context = distributed.init_distributed(args.device)
         setup_logging(context.rank, args.output_dir if context.is_main else None)
         run(args, context)

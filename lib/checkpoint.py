@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lib.fileio import default_file_mode
+
 logger = logging.getLogger(__name__)
 
 # Prefixes added by DistributedDataParallel / DataParallel and by torch.compile.
@@ -341,6 +343,8 @@ def save_checkpoint(obj: Mapping, path: str | Path) -> None:
             torch.save(dict(obj), handle)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file with mode 0600, so give it the mode that open() would.
+        os.chmod(temp_name, default_file_mode())
         os.replace(temp_name, path)
     except BaseException:
         if os.path.exists(temp_name):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -245,13 +246,48 @@ def _copy_block(source: nn.Module, target: SubnetBlock) -> None:
 
 
 def save_subnet(subnet: SubnetViT, directory: str | os.PathLike) -> Path:
-    """Write ``config.json`` and ``model.pth`` of ``subnet`` into ``directory``, each atomically."""
+    """Write ``config.json`` and ``model.pth`` of ``subnet`` into ``directory``, replacing any earlier export.
+
+    Both files are written into a temporary sibling folder, which is then renamed to
+    ``directory``. An existing export is first renamed aside and deleted once the new one is in
+    place. A process killed at any point therefore leaves the old or the new export complete at
+    ``directory``, except when it is killed between the two renames: then ``directory`` is
+    missing and both exports are complete in hidden ``.NAME.*`` siblings.
+
+    Raises:
+        FileExistsError: when ``directory`` is an existing file.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    # Replace the folder a symbolic link points to, so the link stays valid.
+    target = directory.resolve() if directory.is_symlink() else directory
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{directory} is a file, not a subnet folder; pass another path or remove the file")
+    target.parent.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu() for key, value in subnet.state_dict().items()}
-    _write_atomic(directory / WEIGHTS_FILE, lambda handle: torch.save(state, handle))
     text = json.dumps(subnet.config, indent=2) + "\n"
-    _write_atomic(directory / CONFIG_FILE, lambda handle: handle.write(text.encode()))
+
+    temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    old_export = None
+    try:
+        # mkdtemp creates the folder with mode 0700, so give it the mode that mkdir() would.
+        os.chmod(temporary, 0o777 & ~_current_umask())
+        _write_file(temporary / WEIGHTS_FILE, lambda handle: torch.save(state, handle))
+        _write_file(temporary / CONFIG_FILE, lambda handle: handle.write(text.encode()))
+        if target.exists():
+            # rename() replaces an empty folder, so mkdtemp reserves a unique name for the old export.
+            old_export = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.rename(target, old_export)
+        os.rename(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if old_export is not None:
+            if target.exists():
+                shutil.rmtree(old_export, ignore_errors=True)
+            else:
+                os.rename(old_export, target)
+        raise
+    if old_export is not None:
+        shutil.rmtree(old_export)
     return directory
 
 
@@ -260,7 +296,8 @@ def load_subnet(directory: str | os.PathLike, map_location: str | torch.device =
 
     Raises:
         FileNotFoundError: when ``config.json`` or ``model.pth`` is missing.
-        ValueError: when the config is not a subnet config of a known format version.
+        ValueError: when the config is not a subnet config of a known format version, or the
+            weights do not fit the config (missing, unexpected or differently shaped tensors).
     """
     directory = Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -274,16 +311,52 @@ def load_subnet(directory: str | os.PathLike, map_location: str | torch.device =
         )
     subnet = SubnetViT(config)
     state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    problems = _state_mismatch(subnet.state_dict(), state)
+    if problems:
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} does not fit {directory / CONFIG_FILE} ({problems}); "
+            f"export the subnet to {directory} again"
+        )
     subnet.load_state_dict(state)
     return subnet.eval()
 
 
-def _write_atomic(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _state_mismatch(expected: Mapping[str, torch.Tensor], state: object, max_listed: int = 4) -> str:
+    """Describe how ``state`` differs from ``expected`` in keys and shapes, or return "" when it fits."""
+    if not isinstance(state, Mapping):
+        return f"the file contains a {type(state).__name__}, not a state dict"
+
+    def names(keys: list[str]) -> str:
+        more = f" and {len(keys) - max_listed} more" if len(keys) > max_listed else ""
+        return ", ".join(keys[:max_listed]) + more
+
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shapes = []
+    for key, tensor in expected.items():
+        found = getattr(state.get(key), "shape", None)
+        if key in state and found != tensor.shape:
+            found = tuple(found) if found is not None else type(state[key]).__name__
+            wrong_shapes.append(f"{key} is {found} in the file but {tuple(tensor.shape)} by the config")
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {names(unexpected)}")
+    if wrong_shapes:
+        parts.append(f"shapes differ: {names(wrong_shapes)}")
+    return "; ".join(parts)
+
+
+def _write_file(path: Path, write) -> None:
+    with open(path, "wb") as stream:
+        write(stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it, so set it and put the old value straight back.
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

@@ -1,6 +1,7 @@
 import argparse
 import logging
 import os
+import stat
 from collections import OrderedDict
 from pathlib import Path
 
@@ -157,6 +158,15 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
 
     assert load_checkpoint_file(path)["epoch"] == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
+
+
+def test_save_uses_umask_mode(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pth")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "checkpoint.pth").stat().st_mode) == 0o644
 
 
 def test_extract_strips_prefixes(caplog):

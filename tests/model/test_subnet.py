@@ -1,10 +1,14 @@
 """Exported standalone subnets: equal outputs, save and load, tracing, torch.export and ONNX."""
 
+import os
 import random
+import shutil
+import stat
 
 import pytest
 import torch
 
+from model import subnet as subnet_module
 from model.subnet import SubnetViT, export_subnet, load_subnet, save_subnet
 from model.supernet import Supernet
 
@@ -132,3 +136,116 @@ def test_exported_subnet_runs_in_onnx_runtime():
         with torch.no_grad():
             expected = subnet(x)
         assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-5)
+
+
+OLD_CANDIDATE = {"layer_num": 2, "embed_dim": [112] * 2, "num_heads": [2, 1], "mlp_ratio": [3.5, 4.0]}
+NEW_CANDIDATE = {"layer_num": 3, "embed_dim": [96] * 3, "num_heads": [1, 2, 1], "mlp_ratio": [3.0, 4.0, 2.0]}
+
+
+def saved_candidate(folder) -> dict | None:
+    """Return the candidate of the export in ``folder``, or None when it is incomplete."""
+    try:
+        return load_subnet(folder).config["candidate"]
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def test_save_subnet_kill_leaves_complete_export(tmp_path, monkeypatch):
+    model = make_supernet()
+    target = tmp_path / "subnet"
+    save_subnet(export_subnet(model, OLD_CANDIDATE), target)
+    states = []
+
+    def record_state():
+        """Record what a process killed right now would leave behind."""
+        if target.exists():
+            states.append(("final", saved_candidate(target)))
+        else:
+            siblings = [saved_candidate(path) for path in tmp_path.iterdir() if path.name.startswith(".subnet.")]
+            states.append(("siblings", OLD_CANDIDATE in siblings and NEW_CANDIDATE in siblings))
+
+    def recorded(function):
+        def wrapper(*args, **kwargs):
+            record_state()
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(os, "rename", recorded(os.rename))
+    monkeypatch.setattr(os, "replace", recorded(os.replace))
+    monkeypatch.setattr(shutil, "rmtree", recorded(shutil.rmtree))
+    monkeypatch.setattr(torch, "save", recorded(torch.save))
+    save_subnet(export_subnet(model, NEW_CANDIDATE), target)
+    record_state()
+    monkeypatch.undo()
+
+    assert len(states) >= 4
+    for where, found in states:
+        if where == "final":
+            assert found in (OLD_CANDIDATE, NEW_CANDIDATE)
+        else:
+            assert found
+    assert states[-1] == ("final", NEW_CANDIDATE)
+    assert [path.name for path in tmp_path.iterdir()] == ["subnet"]
+
+
+def test_save_subnet_failed_write_keeps_old_export(tmp_path, monkeypatch):
+    model = make_supernet()
+    target = tmp_path / "subnet"
+    save_subnet(export_subnet(model, OLD_CANDIDATE), target)
+    write_file = subnet_module._write_file
+    calls = []
+
+    def write_then_fail_second(path, write):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        write_file(path, write)
+
+    monkeypatch.setattr(subnet_module, "_write_file", write_then_fail_second)
+    with pytest.raises(OSError, match="disk full"):
+        save_subnet(export_subnet(model, NEW_CANDIDATE), target)
+
+    assert calls == ["model.pth", "config.json"]
+    assert saved_candidate(target) == OLD_CANDIDATE
+    assert [path.name for path in tmp_path.iterdir()] == ["subnet"]
+
+
+def test_save_subnet_rejects_a_file_path(tmp_path):
+    path = tmp_path / "subnet"
+    path.write_text("not a folder")
+    with pytest.raises(FileExistsError, match="is a file, not a subnet folder"):
+        save_subnet(export_subnet(make_supernet(), OLD_CANDIDATE), path)
+    assert path.read_text() == "not a folder"
+
+
+def test_load_subnet_rejects_weights_of_another_config(tmp_path):
+    model = make_supernet()
+    save_subnet(export_subnet(model, OLD_CANDIDATE), tmp_path / "old")
+    save_subnet(export_subnet(model, NEW_CANDIDATE), tmp_path / "new")
+    shutil.copy(tmp_path / "new" / "model.pth", tmp_path / "old" / "model.pth")
+
+    with pytest.raises(ValueError) as error:
+        load_subnet(tmp_path / "old")
+    message = str(error.value)
+    assert f"{tmp_path / 'old' / 'model.pth'} does not fit {tmp_path / 'old' / 'config.json'}" in message
+    assert "unexpected keys: blocks.2." in message
+    assert "cls_token is (1, 1, 96) in the file but (1, 1, 112) by the config" in message
+    assert f"export the subnet to {tmp_path / 'old'} again" in message
+
+    torch.save({"cls_token": torch.zeros(1, 1, 112)}, tmp_path / "old" / "model.pth")
+    with pytest.raises(ValueError, match="missing keys: pos_embed, patch_embed.weight"):
+        load_subnet(tmp_path / "old")
+
+
+def test_save_subnet_uses_umask_modes(tmp_path):
+    model = make_supernet()
+    previous = os.umask(0o022)
+    try:
+        save_subnet(export_subnet(model, OLD_CANDIDATE), tmp_path / "subnet")
+        # Replacing an export gives the new folder the same modes.
+        save_subnet(export_subnet(model, NEW_CANDIDATE), tmp_path / "subnet")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "subnet").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "subnet" / "model.pth").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "subnet" / "config.json").stat().st_mode) == 0o644

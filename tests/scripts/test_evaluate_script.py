@@ -383,3 +383,83 @@ def test_help_leaves_out_training_options():
         assert flag not in help_text
     assert "--eval-crops" in help_text
     assert parsed.aa == "none"
+
+
+def folder_snapshot(root: Path) -> dict[str, bytes | None]:
+    """Return every path under ``root`` with its bytes (None for a folder)."""
+    return {str(path.relative_to(root)): None if path.is_dir() else path.read_bytes() for path in root.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--output_dir", "{tmp}/file.txt/eval",
+         "--output_dir {tmp}/file.txt/eval cannot be used: {tmp}/file.txt is not a folder"),
+        ("--output_dir", "", "--output_dir is empty"),
+        ("--export-dir", "{tmp}/old/results.json", "--export-dir {tmp}/old/results.json cannot be used: it is not a folder"),
+        ("--export-dir", "{tmp}/file.txt/subnets",
+         "--export-dir {tmp}/file.txt/subnets cannot be used: {tmp}/file.txt is not a folder"),
+        ("--export-dir", "", "--export-dir is empty"),
+    ],
+    ids=["output-under-file", "output-empty", "export-is-file", "export-under-file", "export-empty"],
+)
+def test_bad_output_folder_rejected_before_loading(tmp_path, monkeypatch, caplog, no_evaluation, flag, value, message):
+    (tmp_path / "file.txt").write_text("a file\n")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text("[]\n")
+    before = folder_snapshot(tmp_path)
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("evaluate.py loaded data or the supernet before checking its output folders")
+
+    monkeypatch.setattr(evaluate_script, "build_dataset", not_reached)
+    monkeypatch.setattr(evaluate_script, "load_supernet", not_reached)
+    flags = fixture_flags("--data-set", "FOLDER", "--data-path", str(tmp_path / "data"),
+                          "--subnet", json.dumps(REFERENCE["configs"][0]), "--output_dir", str(tmp_path / "eval"))
+    status = run_main(flags + [flag, value.format(tmp=tmp_path)])
+
+    assert status == 2
+    assert message.format(tmp=tmp_path) in caplog.text
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_file_in_place_of_export_folder(tmp_path, monkeypatch, caplog, no_evaluation):
+    (tmp_path / "subnets").mkdir()
+    (tmp_path / "subnets" / "00").write_text("a file where the export of candidate 0 goes\n")
+    monkeypatch.setattr(evaluate_script, "build_dataset", lambda *args: pytest.fail("data loaded"))
+    flags = fixture_flags("--data-set", "FOLDER", "--data-path", str(tmp_path / "data"),
+                          "--subnet", json.dumps(REFERENCE["configs"][0]), "--export-dir", str(tmp_path / "subnets"))
+    text = expect_error(flags, tmp_path / "eval", caplog)
+    assert f"--export-dir {tmp_path / 'subnets' / '00'} cannot be used: it is not a folder" in text
+    assert (tmp_path / "subnets" / "00").read_text() == "a file where the export of candidate 0 goes\n"
+
+
+def test_outputs_belong_to_the_last_finished_run(tmp_path, data_root, monkeypatch):
+    output_dir = tmp_path / "eval"
+    first, second = (json.dumps(config) for config in REFERENCE["configs"][:2])
+    scores_path = tmp_path / "scores.jsonl"
+    scores_path.write_text(json.dumps({"candidate": REFERENCE["configs"][0], "num_params": 0.0, "flops": 0.0,
+                                       "score": 1.0, "interval": None}) + "\n")
+    flags = fixture_flags("--data-set", "FOLDER", "--data-path", str(data_root), "--output_dir", str(output_dir))
+    assert run_main(flags + ["--subnet", first, "--scores", str(scores_path)]) == 0
+    assert (output_dir / "proxy_correlation.json").is_file()
+    names = ("args.json", "results.json", "proxy_correlation.json")
+    outputs = {name: (output_dir / name).read_bytes() for name in names}
+
+    # A run that fails half-way leaves the outputs of the previous run as they were.
+    def fail(*args, **kwargs):
+        raise evaluate_script.EvaluationError("evaluation stopped")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_script, "evaluate_candidate", fail)
+        assert run_main(flags + ["--subnet", second]) == 2
+    for name, content in outputs.items():
+        assert (output_dir / name).read_bytes() == content
+
+    # A finished run without --scores removes the correlation of the earlier run.
+    assert run_main(flags + ["--subnet", second]) == 0
+    assert not (output_dir / "proxy_correlation.json").exists()
+    args = json.loads((output_dir / "args.json").read_text())
+    assert args["subnet"] == second
+    assert args["scores"] is None
+    assert load_results(output_dir / "results.json")[0]["config"] == REFERENCE["configs"][1]
