@@ -68,7 +68,7 @@ fi
 
 # torchrun (python -m torch.distributed.run) with --standalone picks a free port on this machine.
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" search.py \
-    --gp --change_qk --relative_position --dist-eval --batch-size 64 \
+    --gp --change_qkv --relative_position --dist-eval --batch-size 64 \
     --score-method left_super_taylor6 \
     --block-score-method-for-head balance_taylor6_max_dim \
     --block-score-method-for-mlp balance_taylor6_max_dim \

@@ -105,7 +105,7 @@ COMMAND=(
     "${LAUNCHER[@]}"
     train.py
     --auto-resume
-    --gp --change_qk --relative_position --mode super --dist-eval
+    --gp --change_qkv --relative_position --mode super --dist-eval
     --group-by-dim --group-by-depth
     "${RECIPE[@]}"
     "${DATA_ARGS[@]}"
