@@ -421,7 +421,7 @@ def write_outputs(
     save_results(output_dir / RESULTS_FILE, results)
     plot_pareto(results, output_dir / PARETO_FILE)
     print(format_table(results, correlation), flush=True)
-    written = [output_dir / ARGS_FILE, output_dir / RESULTS_FILE, output_dir / PARETO_FILE]
+    written = [output_dir / RESULTS_FILE, output_dir / PARETO_FILE, output_dir / ARGS_FILE]
     if correlation is not None:
         written.append(output_dir / CORRELATION_FILE)
 
