@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -381,6 +382,12 @@ def run(args: argparse.Namespace, context: distributed.DistContext) -> list[dict
             index + 1, len(candidates), name, result["n_parameters"] / 1e6,
             result["acc1"], result["acc5"], result["loss"],
         )
+        if not math.isfinite(result["loss"]):
+            logger.warning(
+                "[%d/%d] %s: the loss is %s, so the weights of %s may contain NaN or Inf values; "
+                "check the checkpoint or evaluate an earlier one",
+                index + 1, len(candidates), name, result["loss"], args.resume,
+            )
 
     if context.is_main:
         write_outputs(args, model, candidates, results, scores, output_dir, export_dir)

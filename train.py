@@ -46,6 +46,7 @@ from lib.checkpoint import (
     extract_state_dict,
     load_checkpoint_file,
     load_supernet_weights,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -374,8 +375,13 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
             resume_path, args, model, optimizer, lr_scheduler, grad_scaler, model_ema, world_size,
         )
     if start_epoch >= args.epochs:
-        logger.info("nothing to train: the checkpoint ended at epoch %d of %d", start_epoch, args.epochs)
+        if resume_path is None:
+            logger.info("nothing to train: --start_epoch %d is not below --epochs %d", start_epoch, args.epochs)
+        else:
+            logger.info("nothing to train: the checkpoint has finished %d of %d epochs", start_epoch, args.epochs)
         return 0
+    if context.is_main:
+        remove_stale_temporaries(output_dir)
     # Restored last, so the random state matches the uninterrupted run at this epoch.
     if rng_states is not None:
         restore_rng_state(rng_states[context.rank])

@@ -352,6 +352,21 @@ def save_checkpoint(obj: Mapping, path: str | Path) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files that :func:`save_checkpoint` leaves when a process is killed mid-write.
+
+    Call it only where no other process is saving into ``folder``. Returns the number deleted.
+    """
+    removed = 0
+    for stale in Path(folder).glob(".*.pth.*.tmp"):
+        if stale.is_file():
+            stale.unlink()
+            removed += 1
+    if removed:
+        logger.info("removed %d temporary checkpoint file(s) of an interrupted save in %s", removed, folder)
+    return removed
+
+
 def args_to_plain(args: argparse.Namespace | Mapping) -> dict:
     """Return the arguments as a dict of plain values (paths and other objects as strings)."""
     items = vars(args) if isinstance(args, argparse.Namespace) else dict(args)

@@ -15,6 +15,7 @@ from lib.checkpoint import (
     extract_state_dict,
     load_checkpoint_file,
     load_supernet_weights,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from model.supernet import Supernet
@@ -298,3 +299,18 @@ def test_rng_state_roundtrip(tmp_path):
     assert torch.equal(expected[0], actual[0])
     assert np.array_equal(expected[1], actual[1])
     assert expected[2] == actual[2]
+
+
+def test_stale_temporaries_removed(tmp_path):
+    stale = tmp_path / ".checkpoint.pth.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    kept = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 1}, kept)
+    other = tmp_path / ".notes.txt.tmp"
+    other.write_text("not a checkpoint temporary")
+
+    assert remove_stale_temporaries(tmp_path) == 1
+
+    assert not stale.exists()
+    assert load_checkpoint_file(kept)["epoch"] == 1
+    assert other.exists()

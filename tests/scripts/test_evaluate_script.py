@@ -463,3 +463,15 @@ def test_outputs_belong_to_the_last_finished_run(tmp_path, data_root, monkeypatc
     assert args["subnet"] == second
     assert args["scores"] is None
     assert load_results(output_dir / "results.json")[0]["config"] == REFERENCE["configs"][1]
+
+
+def test_nan_weights_warned(tmp_path, data_root, caplog):
+    checkpoint = torch.load(FIXTURE / "supernet.pth", weights_only=True)
+    checkpoint["model"]["head.bias"] = torch.full_like(checkpoint["model"]["head.bias"], float("nan"))
+    path = tmp_path / "nan.pth"
+    torch.save(checkpoint, path)
+    flags = fixture_flags("--data-set", "FOLDER", "--data-path", str(data_root), "--resume", str(path),
+                          "--subnet", json.dumps(REFERENCE["configs"][0]), "--output_dir", str(tmp_path / "eval"))
+
+    assert run_main(flags) == 0
+    assert f"[1/1] subnet: the loss is nan, so the weights of {path} may contain NaN or Inf values" in caplog.text
