@@ -67,7 +67,13 @@ if [ -n "${DATA_PATH:-}" ]; then
 fi
 
 # torchrun (python -m torch.distributed.run) with --standalone picks a free port on this machine.
-"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" search.py \
+# One process needs no launcher, and an error then ends without torchrun's second traceback.
+LAUNCH=("$PYTHON")
+if [ "$NPROC" -gt 1 ]; then
+    LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
+fi
+
+"${LAUNCH[@]}" search.py \
     --gp --change_qkv --relative_position --dist-eval --batch-size 64 \
     --score-method left_super_taylor6 \
     --block-score-method-for-head balance_taylor6_max_dim \
