@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -54,7 +55,7 @@ from lib.config import ConfigError, load_interval_candidates, load_space
 from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError, ShardSampler
 from lib.engine import NonFiniteLossError, NonFiniteTracker, evaluate, resolve_amp_dtype, train_one_epoch
-from lib.fileio import folder_write_problem
+from lib.fileio import folder_write_problem, write_text_atomic
 from lib.logger import MetricsWriter, setup_logging
 from lib.models import add_model_args, check_checkpoint_flags, create_supernet
 from lib.sampling import (
@@ -225,10 +226,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"--cutmix-minmax takes two box ratios MIN MAX with 0 < MIN < MAX <= 1, got {low_high}"
             )
-    if args.opt_betas is not None and (len(args.opt_betas) != 2 or not all(0.0 <= beta < 1.0 for beta in args.opt_betas)):
-        raise UsageError(f"--opt-betas takes two values in [0, 1), got {args.opt_betas}")
+    # Two betas for Adam-type optimizers, three for Adan.
+    if args.opt_betas is not None and (
+        len(args.opt_betas) not in (2, 3) or not all(0.0 <= beta < 1.0 for beta in args.opt_betas)
+    ):
+        raise UsageError(f"--opt-betas takes two or three values in [0, 1), got {args.opt_betas}")
 
     for flag, path in (("--resume", args.resume), ("--finetune", args.finetune), ("--candfile", args.candfile)):
+        if path and Path(path).is_dir():
+            raise UsageError(f"{flag} {path} is a directory; pass the file inside it")
         if path and not Path(path).is_file():
             raise UsageError(f"{flag} file {path} not found; check the path")
 
@@ -236,10 +242,14 @@ def check_args(args: argparse.Namespace) -> None:
     latest = Path(args.output_dir) / LATEST_CHECKPOINT
     if args.eval and args.auto_resume and not (args.resume or args.finetune) and not latest.exists():
         raise UsageError(f"--eval --auto-resume found no {latest}, so there are no trained weights to evaluate")
-    if not args.eval and not (args.resume or args.auto_resume) and latest.exists():
+    # Resuming a checkpoint of this folder continues its run, but one from elsewhere would overwrite it.
+    continues_this_run = args.auto_resume or (
+        args.resume is not None and Path(args.resume).resolve().parent == Path(args.output_dir).resolve()
+    )
+    if not args.eval and not continues_this_run and latest.exists():
         raise UsageError(
             f"{latest} exists from an earlier run; pass --auto-resume to continue that run, or pass "
-            f"another --output_dir (or delete {latest}) to start a new one"
+            "another --output_dir to start a new one"
         )
 
 
@@ -326,6 +336,8 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
     # With --auto-resume, --finetune starts the run and a later restart resumes its checkpoint.
     if args.finetune and resume_path is None:
         load_finetune_weights(model, args.finetune)
+    elif args.finetune:
+        logger.info("--finetune %s is not used: the run continues from %s", args.finetune, resume_path)
 
     train_loader, val_loader = build_loaders(args, context, dataset_train, dataset_val)
     eval_candidates = select_eval_candidates(args, candidates, space, retrain_subnet, model)
@@ -356,10 +368,6 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
         "train_images": len(dataset_train), "val_images": len(dataset_val),
         "candidates": len(candidates),
     }
-    if context.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config_text = yaml.safe_dump({**args_to_plain(args), "resolved": resolved}, sort_keys=True)
-        (output_dir / "config.yaml").write_text(config_text, encoding="utf-8")
     logger.info(
         "training %s: %d epoch(s), %d process(es), batch %d per process, lr %.3g (scaled from %.3g), %s, "
         "%d training and %d validation images, %d classes, output %s",
@@ -381,6 +389,9 @@ def run(args: argparse.Namespace, context: distributed.DistContext, output_dir: 
             logger.info("nothing to train: the checkpoint has finished %d of %d epochs", start_epoch, args.epochs)
         return 0
     if context.is_main:
+        # Written only now: a resume that is rejected or has nothing to train keeps the earlier file.
+        config_text = yaml.safe_dump({**args_to_plain(args), "resolved": resolved}, sort_keys=True)
+        write_text_atomic(output_dir / "config.yaml", config_text)
         remove_stale_temporaries(output_dir)
     # Restored last, so the random state matches the uninterrupted run at this epoch.
     if rng_states is not None:
@@ -642,15 +653,20 @@ def load_resume_state(path, args, model, optimizer, lr_scheduler, grad_scaler, m
 
     saved_args = checkpoint.get("args")
     saved_epochs = saved_args.get("epochs") if isinstance(saved_args, dict) else None
-    if saved_epochs is not None and saved_epochs != args.epochs:
-        # The scheduler state restored above keeps the cosine of the first run.
+    main_process = distributed.is_main_process()
+    if main_process and saved_epochs is not None and saved_epochs != args.epochs:
+        # The scheduler state restored above keeps the schedule of the first run.
+        if args.epochs > saved_epochs:
+            consequence = f"epochs after {saved_epochs} continue at the end value of that schedule"
+        else:
+            consequence = f"the run stops at epoch {args.epochs}, before that schedule ends"
         logger.warning(
             "checkpoint %s belongs to a run of %d epoch(s) and this run has --epochs %d: the learning-rate "
-            "schedule of the checkpoint is kept, so epochs after %d run at the minimum lr. To train "
-            "with a longer schedule, start a new run (with --finetune %s for its weights)",
-            path, saved_epochs, args.epochs, saved_epochs, path,
+            "schedule of the checkpoint is kept, so %s. To train with another schedule, start a new run "
+            "(with --finetune %s for its weights)",
+            path, saved_epochs, args.epochs, consequence, path,
         )
-    changed = changed_settings(saved_args, args) if isinstance(saved_args, dict) else []
+    changed = changed_settings(saved_args, args) if main_process and isinstance(saved_args, dict) else []
     if changed:
         logger.warning(
             "checkpoint %s was written with other settings (%s); this run goes on with the new values, "
@@ -679,12 +695,20 @@ RESUME_SETTINGS = (
 
 
 def changed_settings(saved: dict, args: argparse.Namespace) -> list[str]:
-    """List the settings of RESUME_SETTINGS that differ between a checkpoint's arguments and ``args``."""
+    """List the settings of RESUME_SETTINGS that differ between a checkpoint's arguments and ``args``.
+
+    The file settings are compared as absolute paths, so a relative and an absolute spelling of
+    one file do not count as a change.
+    """
     current = args_to_plain(args)
+
+    def comparable(name: str, value):
+        return os.path.abspath(value) if name in ("cfg", "candfile") and isinstance(value, str) else value
+
     return [
         f"{name} {saved[name]!r} then, {current[name]!r} now"
         for name in RESUME_SETTINGS
-        if name in saved and name in current and saved[name] != current[name]
+        if name in saved and name in current and comparable(name, saved[name]) != comparable(name, current[name])
     ]
 
 

@@ -29,12 +29,20 @@ def write_text_atomic(path: Union[str, os.PathLike], text: str) -> Path:
     return path
 
 
-def default_file_mode() -> int:
-    """Return the mode that ``open()`` gives a new file: 0666 masked by the process umask."""
-    # os.umask can only be read by setting it, so set it and put the old value straight back.
+def _read_umask() -> int:
+    # os.umask can only be read by setting it. Reading it once, at import, keeps the moment when it
+    # is 0 away from threads that create files later (a TensorBoard writer, for example).
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def default_file_mode() -> int:
+    """Return the mode that ``open()`` gives a new file: 0666 masked by the umask at import."""
+    return 0o666 & ~_UMASK
 
 
 def _nearest_existing_folder_problem(path: Path) -> Optional[str]:

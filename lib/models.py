@@ -114,8 +114,11 @@ def check_checkpoint_flags(checkpoint: Mapping, args: argparse.Namespace, path) 
         saved["abs_pos"] = not saved["no_abs_pos"]
 
     differences = []
+    relative_position = bool(saved.get("relative_position")) or bool(getattr(args, "relative_position", False))
     for name in _ARCHITECTURE_FLAGS:
         if name not in saved or not hasattr(args, name):
+            continue
+        if name == "max_relative_position" and not relative_position:
             continue
         if saved[name] != getattr(args, name):
             differences.append(

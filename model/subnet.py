@@ -270,7 +270,7 @@ def save_subnet(subnet: SubnetViT, directory: str | os.PathLike) -> Path:
     old_export = None
     try:
         # mkdtemp creates the folder with mode 0700, so give it the mode that mkdir() would.
-        os.chmod(temporary, 0o777 & ~_current_umask())
+        os.chmod(temporary, 0o777 & ~_UMASK)
         _write_file(temporary / WEIGHTS_FILE, lambda handle: torch.save(state, handle))
         _write_file(temporary / CONFIG_FILE, lambda handle: handle.write(text.encode()))
         if target.exists():
@@ -355,8 +355,12 @@ def _write_file(path: Path, write) -> None:
         os.fsync(stream.fileno())
 
 
-def _current_umask() -> int:
-    # os.umask can only be read by setting it, so set it and put the old value straight back.
+def _read_umask() -> int:
+    # os.umask can only be read by setting it. Reading it once, at import, keeps the moment when it
+    # is 0 away from threads that create files later.
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+_UMASK = _read_umask()

@@ -161,12 +161,10 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
 
 
-def test_save_uses_umask_mode(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pth")
-    finally:
-        os.umask(previous)
+def test_save_uses_umask_mode(tmp_path, monkeypatch):
+    # The umask is read once, at import; the test sets the value that it would have read.
+    monkeypatch.setattr("lib.fileio._UMASK", 0o022)
+    save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pth")
     assert stat.S_IMODE((tmp_path / "checkpoint.pth").stat().st_mode) == 0o644
 
 

@@ -16,12 +16,10 @@ def test_write_text_atomic_creates_folder(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["b.txt"]
 
 
-def test_write_text_atomic_uses_umask_mode(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        path = fileio.write_text_atomic(tmp_path / "shared.txt", "x")
-    finally:
-        os.umask(previous)
+def test_write_text_atomic_uses_umask_mode(tmp_path, monkeypatch):
+    # The umask is read once, at import; the test sets the value that it would have read.
+    monkeypatch.setattr(fileio, "_UMASK", 0o022)
+    path = fileio.write_text_atomic(tmp_path / "shared.txt", "x")
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 

@@ -60,3 +60,12 @@ def test_input_size_not_multiple_of_patch_rejected():
 
     with pytest.raises(ConfigError, match="--input-size 33 is not a multiple of --patch_size 8"):
         create_supernet(args, space.supernet, 10)
+
+
+def test_max_relative_position_ignored_without_relative_position():
+    saved = vars(parse("--change_qkv", "--max_relative_position", "14"))
+    check_checkpoint_flags({"args": saved}, parse("--change_qkv", "--max_relative_position", "7"), "run.pth")
+    with pytest.raises(CheckpointError, match="--max_relative_position 14 in the checkpoint"):
+        check_checkpoint_flags(
+            {"args": saved}, parse("--change_qkv", "--relative_position", "--max_relative_position", "7"), "run.pth"
+        )

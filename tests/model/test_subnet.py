@@ -237,15 +237,13 @@ def test_load_subnet_rejects_weights_of_another_config(tmp_path):
         load_subnet(tmp_path / "old")
 
 
-def test_save_subnet_uses_umask_modes(tmp_path):
+def test_save_subnet_uses_umask_modes(tmp_path, monkeypatch):
     model = make_supernet()
-    previous = os.umask(0o022)
-    try:
-        save_subnet(export_subnet(model, OLD_CANDIDATE), tmp_path / "subnet")
-        # Replacing an export gives the new folder the same modes.
-        save_subnet(export_subnet(model, NEW_CANDIDATE), tmp_path / "subnet")
-    finally:
-        os.umask(previous)
+    # The umask is read once, at import; the test sets the value that it would have read.
+    monkeypatch.setattr("model.subnet._UMASK", 0o022)
+    save_subnet(export_subnet(model, OLD_CANDIDATE), tmp_path / "subnet")
+    # Replacing an export gives the new folder the same modes.
+    save_subnet(export_subnet(model, NEW_CANDIDATE), tmp_path / "subnet")
     assert stat.S_IMODE((tmp_path / "subnet").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "subnet" / "model.pth").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "subnet" / "config.json").stat().st_mode) == 0o644

@@ -175,18 +175,26 @@ def test_truncated_checkpoint_reported(tmp_path):
 
 def test_new_run_keeps_earlier_checkpoint(tmp_path):
     output = tmp_path / "run"
-    arguments = ["--candfile", write_candidates(tmp_path), "--epochs", "1", "--batch-size", "16",
-                 "--subset-per-class", "4", "--output_dir", output, "--mixup", "0", "--cutmix", "0"]
+    elsewhere = tmp_path / "elsewhere"
+    settings = ["--candfile", write_candidates(tmp_path), "--epochs", "1", "--batch-size", "16",
+                "--subset-per-class", "4", "--mixup", "0", "--cutmix", "0"]
+    arguments = [*settings, "--output_dir", output]
     run_train(arguments)
+    run_train([*settings, "--output_dir", elsewhere])
     latest = output / "checkpoint.pth"
     data = latest.read_bytes()
+    config = (output / "config.yaml").read_bytes()
 
     result = run_train(arguments, check=False)
+    from_elsewhere = run_train([*arguments, "--resume", elsewhere / "checkpoint.pth"], check=False)
 
     assert result.returncode == 2
     assert f"{latest} exists from an earlier run; pass --auto-resume" in result.stderr
     assert "Traceback" not in result.stderr
+    assert from_elsewhere.returncode == 2
+    assert f"{latest} exists from an earlier run" in from_elsewhere.stderr
     assert latest.read_bytes() == data
+    assert (output / "config.yaml").read_bytes() == config
 
 
 def test_resume_keeps_best_and_warns(tmp_path):
@@ -255,7 +263,9 @@ def test_candidate_too_deep_rejected(tmp_path):
         (["--amp-dtype", "float16"], "float16 autocast is not supported for CPU"),
         (["--resume", "missing.pth"], "missing.pth not found"),
         (["--cutmix-minmax", "0.5"], "--cutmix-minmax takes two box ratios MIN MAX"),
-        (["--opt-betas", "0.9", "0.99", "0.999"], "--opt-betas takes two values in [0, 1)"),
+        (["--opt-betas", "0.9", "0.99", "0.999", "0.9"], "--opt-betas takes two or three values in [0, 1)"),
+        (["--opt-betas", "0.9", "1.5"], "--opt-betas takes two or three values in [0, 1)"),
+        (["--resume", "."], "--resume . is a directory; pass the file inside it"),
         (["--eval", "--auto-resume"], "--eval --auto-resume found no"),
     ],
 )
