@@ -39,10 +39,10 @@ from lib.checkpoint import CheckpointError, args_to_plain, extract_state_dict, l
 from lib.config import ConfigError, SupernetConfig, format_interval_key, load_interval_candidates, load_space
 from lib.correlation import ScoresError, join_scores, load_scores, proxy_correlation
 from lib.datasets import DataError, add_data_args, build_dataset
-from lib.fileio import folder_write_problem
 from lib.distributed import DistributedError, ShardSampler
 from lib.engine import evaluate
 from lib.entry import run_entry_point
+from lib.fileio import output_folder_problem
 from lib.logger import setup_logging
 from lib.models import add_model_args, check_checkpoint_flags, create_supernet
 from lib.results import ResultsError, format_table, make_result, plot_pareto, save_results, write_json
@@ -201,8 +201,9 @@ def load_supernet(args: argparse.Namespace, supernet: SupernetConfig) -> Superne
 
     Raises:
         CheckpointError: the file is missing or unreadable, was trained with other supernet flags
-            (when it saved its arguments), has no head, or its tensors do not fit the supernet. The message then lists the missing, unexpected and mismatched keys with
-            their shapes and the likely cause.
+            (when it saved its arguments), has no head, or its tensors do not fit the supernet.
+            The message then lists the missing, unexpected and mismatched keys with their shapes
+            and the likely cause.
     """
     checkpoint = load_checkpoint_file(args.resume)
     check_checkpoint_flags(checkpoint, args, args.resume)
@@ -307,13 +308,9 @@ def check_output_folder(flag: str, value: str | None) -> None:
     Raises:
         EvaluationError: ``value`` is empty, a file, under a file, or in a folder without write permission.
     """
-    if value is None:
-        return
-    if not value.strip():
-        raise EvaluationError(f"{flag} is empty; pass the folder to write to")
-    problem = folder_write_problem(value)
+    problem = output_folder_problem(flag, value)
     if problem:
-        raise EvaluationError(f"{flag} {value} cannot be used: {problem}; pass a folder you can write to")
+        raise EvaluationError(problem)
 
 
 def _check_classes(dataset_classes: int, model: Supernet, args: argparse.Namespace) -> None:
@@ -443,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def body() -> None:
-        # Before setup_logging creates --output_dir for run.log, and before any data or model is loaded.
+        # Checked before setup_logging creates --output_dir for run.log and before any data or model is loaded.
         check_output_folder("--output_dir", args.output_dir)
         check_output_folder("--export-dir", args.export_dir)
         context = distributed.init_distributed(args.device)

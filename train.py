@@ -55,7 +55,7 @@ from lib.config import ConfigError, load_interval_candidates, load_space
 from lib.datasets import DataError, add_data_args, build_dataset
 from lib.distributed import DistributedError, ShardSampler
 from lib.engine import NonFiniteLossError, NonFiniteTracker, evaluate, resolve_amp_dtype, train_one_epoch
-from lib.fileio import folder_write_problem, write_text_atomic
+from lib.fileio import output_folder_problem, write_text_atomic
 from lib.logger import MetricsWriter, setup_logging
 from lib.models import add_model_args, check_checkpoint_flags, create_supernet
 from lib.sampling import (
@@ -221,10 +221,10 @@ def check_args(args: argparse.Namespace) -> None:
             "--resume continues a run and --finetune starts a new one from other weights; pass one of them"
         )
     if args.cutmix_minmax is not None:
-        low_high = args.cutmix_minmax
-        if len(low_high) != 2 or not 0.0 < low_high[0] < low_high[1] <= 1.0:
+        box_ratios = args.cutmix_minmax
+        if len(box_ratios) != 2 or not 0.0 < box_ratios[0] < box_ratios[1] <= 1.0:
             raise UsageError(
-                f"--cutmix-minmax takes two box ratios MIN MAX with 0 < MIN < MAX <= 1, got {low_high}"
+                f"--cutmix-minmax takes two box ratios MIN MAX with 0 < MIN < MAX <= 1, got {box_ratios}"
             )
     # Two betas for Adam-type optimizers, three for Adan.
     if args.opt_betas is not None and (
@@ -253,23 +253,13 @@ def check_args(args: argparse.Namespace) -> None:
         )
 
 
-def output_dir_problem(text: str) -> str | None:
-    """Return why the run folder ``text`` cannot be used, or None when it can; creates nothing."""
-    if not str(text).strip():
-        return "--output_dir is empty; pass the folder for checkpoints and logs"
-    problem = folder_write_problem(text)
-    if problem:
-        return f"--output_dir {text} cannot be used: {problem}; pass a folder you can write to"
-    return None
-
-
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def main(args: argparse.Namespace) -> int:
     keep_freed_memory()
-    problem = output_dir_problem(args.output_dir)
+    problem = output_folder_problem("--output_dir", args.output_dir)
     if problem:
         # Checked before logging starts, because the log file goes into this folder.
         logging.basicConfig(level=logging.INFO)

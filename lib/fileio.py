@@ -69,6 +69,21 @@ def file_write_problem(path: Union[str, os.PathLike]) -> Optional[str]:
     return _nearest_existing_folder_problem(path)
 
 
+def output_folder_problem(flag: str, value: Optional[str]) -> Optional[str]:
+    """Return the error message for an output-folder flag that cannot be used, or None if it can.
+
+    ``value`` None means the flag was not given. Creates nothing.
+    """
+    if value is None:
+        return None
+    if not str(value).strip():
+        return f"{flag} is empty; pass the folder to write to"
+    problem = folder_write_problem(value)
+    if problem:
+        return f"{flag} {value} cannot be used: {problem}; pass a folder you can write to"
+    return None
+
+
 def folder_write_problem(path: Union[str, os.PathLike]) -> Optional[str]:
     """Return why files cannot be created in folder ``path``, or None if they can.
 

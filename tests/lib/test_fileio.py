@@ -89,3 +89,15 @@ def test_converters_accept_bounds():
     assert non_negative_float("0") == 0.0
     assert probability("0") == 0.0
     assert probability("1") == 1.0
+
+
+def test_output_folder_problem_cases(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+
+    assert fileio.output_folder_problem("--output_dir", None) is None
+    assert fileio.output_folder_problem("--output_dir", str(tmp_path / "new" / "run")) is None
+    assert fileio.output_folder_problem("--output_dir", " ") == "--output_dir is empty; pass the folder to write to"
+    assert fileio.output_folder_problem("--export-dir", str(blocker)) == (
+        f"--export-dir {blocker} cannot be used: it is not a folder; pass a folder you can write to"
+    )
