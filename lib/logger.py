@@ -94,15 +94,15 @@ class MetricsWriter:
         """
         if not self.enabled or not self.log_path.exists():
             return
-        kept = []
+        earlier_lines = []
         for line in self.log_path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < epoch:
-                kept.append(line + "\n")
-        write_text_atomic(self.log_path, "".join(kept))
+                earlier_lines.append(line + "\n")
+        write_text_atomic(self.log_path, "".join(earlier_lines))
 
     def write(self, epoch: int, scalars: Mapping[str, float], extra: Mapping | None = None) -> None:
         """Append one JSON line for ``epoch`` and log the numeric ``scalars`` at step ``epoch``.

@@ -87,14 +87,14 @@ def _relative_attention(q, k, v, rel_k_table, rel_v_table, rel_index, dropout, f
     per grid row and column: appending ``[s_i, t_i]`` to q_i and a one-hot grid row and column
     to k_j adds it to the logits. Appending the same one-hot to v_j makes the attention output
     carry the weight that each query puts on every grid row and column, which then meets the
-    value tables. So one
-    attention over the widened heads does all N x N work, and no (N, N, head_dim) tensor exists.
+    value tables. So one attention over the widened heads does all N x N work, and no
+    (N, N, head_dim) tensor exists.
 
     ``fused`` runs that attention through ``F.scaled_dot_product_attention``, which never holds the
-    N x N weights. Both paths zero-pad the widened head to a multiple of 8 columns.
-    Otherwise two batched matrix products and a softmax compute it: on the 2-core test machine
-    that was about 1.2x faster than the fused kernel in both eval and training (an estimate from
-    one CPU model, see docs/benchmarks.md).
+    N x N weights. Otherwise two batched matrix products and a softmax compute it: on the 2-core
+    test machine that was about 1.2x faster than the fused kernel in both eval and training (an
+    estimate from one CPU model, see docs/benchmarks.md). Both paths zero-pad the widened head to
+    a multiple of 8 columns.
     """
     batch, heads, tokens, head_dim = q.shape
     grid = rel_index.shape[-1] - 1

@@ -302,13 +302,13 @@ def test_rng_state_roundtrip(tmp_path):
 def test_stale_temporaries_removed(tmp_path):
     stale = tmp_path / ".checkpoint.pth.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
-    kept = tmp_path / "checkpoint.pth"
-    save_checkpoint({"epoch": 1}, kept)
+    checkpoint = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 1}, checkpoint)
     other = tmp_path / ".notes.txt.tmp"
     other.write_text("not a checkpoint temporary")
 
     assert remove_stale_temporaries(tmp_path) == 1
 
     assert not stale.exists()
-    assert load_checkpoint_file(kept)["epoch"] == 1
+    assert load_checkpoint_file(checkpoint)["epoch"] == 1
     assert other.exists()
